@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Cloud side of splitinfer: holds only the middle decoder layers and one KV cache per session.
+
+It never loads the embedding, the LM head, the final norm or the tokenizer:
+it sees float16 hidden states, rotary tables and masks, never text or token ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from splitinfer.cli import add_model_args, read_token, setup
+from splitinfer.cloud.server import build
+from splitinfer.config import HTTP_PORT, WS_PORT, Limits
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--cloud-start", type=int, default=None, help="first cloud layer (default 2)")
+    p.add_argument("--cloud-end", type=int, default=None, help="last cloud layer, inclusive (default L-3)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind; keep loopback and reach it through an SSH tunnel"
+    )
+    p.add_argument("--port", type=int, default=HTTP_PORT, help="HTTP port for GET /health")
+    p.add_argument("--ws-port", type=int, default=WS_PORT, help="WebSocket port for activation frames")
+    p.add_argument(
+        "--auth-token-file",
+        type=Path,
+        default=None,
+        help="file holding a shared secret; clients must send it as 'Authorization: Bearer <token>'",
+    )
+    d = Limits()
+    p.add_argument("--idle-timeout", type=float, default=d.idle_seconds, help="seconds before an idle session is dropped")
+    p.add_argument("--max-sessions", type=int, default=d.max_sessions, help="sessions held at once")
+    p.add_argument("--max-context", type=int, default=d.max_context, help="tokens held in one session's cache")
+    p.add_argument("--max-step-tokens", type=int, default=d.max_step_tokens, help="new tokens in one forward")
+    p.add_argument("--max-frame-mb", type=float, default=d.max_frame_bytes / 2**20, help="largest frame accepted, MiB")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup(args)
+    limits = Limits(
+        max_sessions=args.max_sessions,
+        max_context=args.max_context,
+        max_step_tokens=args.max_step_tokens,
+        max_frame_bytes=int(args.max_frame_mb * 2**20),
+        idle_seconds=args.idle_timeout,
+    )
+    server = build(
+        args.model, args.cloud_start, args.cloud_end, args.device, args.dtype, limits, args.ws_port,
+        read_token(args.auth_token_file),
+    )
+    try:
+        server.run(args.host, args.port, args.ws_port)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

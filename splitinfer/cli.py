@@ -1,0 +1,76 @@
+"""Argument groups and start-up shared by the command-line entry points."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from .config import DEFAULT_MODEL_DIR, HTTP_PORT
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model and hardware")
+    g.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help=f"local Hugging Face model directory (Llama, Mistral or Qwen2 layout); default: {DEFAULT_MODEL_DIR}, "
+        "prepared from the embedded SmolLM2-135M-Instruct GGUF on first use",
+    )
+    g.add_argument("--device", default=None, help="torch device; default: cuda when a GPU is present, else cpu")
+    g.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16", "float32"],
+        default=None,
+        help="compute dtype; default: float16 on a GPU, float32 on a CPU (the wire is float16 either way)",
+    )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads for this process (default: torch's own choice); set it when the cloud and "
+        "local processes share one machine, and record it with any benchmark figure",
+    )
+
+
+def setup(args: argparse.Namespace) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    for noisy in ("websockets", "werkzeug", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def read_token(path: Path | None) -> str | None:
+    """A shared secret from a file (first line, stripped); None when no file is given."""
+    if path is None:
+        return None
+    token = path.read_text().strip()
+    if not token:
+        raise SystemExit(f"error: {path} is empty; put the shared secret on its first line")
+    return token
+
+
+def add_local_args(parser: argparse.ArgumentParser, modes: list[str]) -> None:
+    """What every local-side entry takes: where the cloud is, the split, the decoding mode."""
+    g = parser.add_argument_group("cloud and split")
+    g.add_argument(
+        "--cloud",
+        default=f"http://localhost:{HTTP_PORT}",
+        help="the cloud server's HTTP address (health); the WebSocket is the same host, port + 1",
+    )
+    g.add_argument("--cloud-ws", default=None, help="the cloud's WebSocket address, if not --cloud's port + 1")
+    g.add_argument("--split-after", type=int, default=1, help="last local layer before the cloud")
+    g.add_argument("--resume-at", type=int, default=None, help="first local layer after the cloud (default L-2)")
+    g.add_argument(
+        "--auth-token-file", type=Path, default=None, help="file holding the cloud's shared secret (first line)"
+    )
+    g = parser.add_argument_group("decoding (greedy; every mode gives the same tokens)")
+    g.add_argument("--mode", choices=modes, default="sequential", help="decoding strategy")
+    g.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many generated tokens (or EOS)")

@@ -1,0 +1,84 @@
+"""Configuration of the split: which layers live where, and the knobs of each side.
+
+Everything here is plain data; nothing imports torch modules or opens sockets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# The SSH tunnel of the spec maps these two ports; the local server for clients
+# therefore defaults to the next free one.
+HTTP_PORT = 5000
+WS_PORT = 5001
+LOCAL_SERVER_PORT = 5002
+
+DEFAULT_MODEL_DIR = Path("models/smollm2-135m-instruct")
+
+# Idle cloud sessions are dropped after this long (the spec's 5 minutes).
+SESSION_IDLE_SECONDS = 300.0
+
+
+@dataclass(frozen=True)
+class Split:
+    """Which decoder layers run where, for a model of `num_layers` layers.
+
+    Local head: layers 0..split_after; cloud: split_after+1..resume_at-1;
+    local tail: resume_at..num_layers-1.  Inclusive bounds, as in the spec's CLI.
+    """
+
+    num_layers: int
+    split_after: int = 1  # last local layer before the wire: deeper = more private, more local compute
+    resume_at: int = -2  # first local layer after the wire; negative counts from the end
+
+    def __post_init__(self) -> None:
+        if self.resume_at < 0:
+            object.__setattr__(self, "resume_at", self.num_layers + self.resume_at)
+        if not 0 <= self.split_after < self.resume_at - 1:
+            raise ValueError(
+                f"split needs 0 <= split_after < resume_at - 1 (at least one cloud layer); got "
+                f"split_after={self.split_after}, resume_at={self.resume_at}"
+            )
+        if self.resume_at > self.num_layers:
+            raise ValueError(f"resume_at={self.resume_at} is past the model's {self.num_layers} layers")
+
+    @property
+    def head_layers(self) -> range:
+        return range(0, self.split_after + 1)
+
+    @property
+    def cloud_layers(self) -> range:
+        return range(self.split_after + 1, self.resume_at)
+
+    @property
+    def tail_layers(self) -> range:
+        return range(self.resume_at, self.num_layers)
+
+    @property
+    def local_layers(self) -> list[int]:
+        return [*self.head_layers, *self.tail_layers]
+
+    @classmethod
+    def from_cloud_range(cls, num_layers: int, cloud_start: int | None, cloud_end: int | None) -> "Split":
+        """The cloud's view: --cloud-start/--cloud-end (inclusive), defaults 2..L-3."""
+        start = 2 if cloud_start is None else cloud_start
+        end = num_layers - 3 if cloud_end is None else cloud_end
+        if not 1 <= start <= end < num_layers - 1:
+            raise ValueError(
+                f"cloud layers {start}..{end} must leave at least one local layer on each side "
+                f"of a {num_layers}-layer model"
+            )
+        return cls(num_layers, split_after=start - 1, resume_at=end + 1)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one cloud server accepts; each bound keeps a hostile or buggy peer from exhausting it."""
+
+    max_sessions: int = 64
+    max_context: int = 8192  # tokens held in one session's cache
+    max_step_tokens: int = 512  # new tokens in one forward (prefill chunks are split by the client)
+    max_frame_bytes: int = 64 << 20  # checked from the length prefix before the payload is read
+    max_header_bytes: int = 1 << 20
+    idle_seconds: float = SESSION_IDLE_SECONDS

@@ -1,0 +1,59 @@
+"""Decoding strategies: pure logic over a model that exposes `forward(tokens, parents)` and `commit(keep)`.
+
+Each strategy is a generator: it yields the tokens committed by each model
+call (the prefill's yield is the first generated token), so callers can
+stream, count round trips and stop early.  All strategies are greedy and
+produce exactly the tokens of plain greedy decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+
+class TreeLM(Protocol):
+    max_step_tokens: int
+
+    def forward(self, tokens: Sequence[int], parents: Sequence[int] | None = None) -> torch.Tensor: ...
+    def commit(self, keep: Sequence[int] | None = None) -> None: ...
+    def prefill(self, tokens: Sequence[int]) -> torch.Tensor: ...
+
+
+@dataclass
+class Result:
+    tokens: list[int] = field(default_factory=list)  # generated ids, EOS included when reached
+    per_step: list[int] = field(default_factory=list)  # tokens committed by each decoding step (after prefill)
+
+    @property
+    def steps(self) -> int:
+        return len(self.per_step)
+
+    @property
+    def tokens_per_step(self) -> float:
+        return sum(self.per_step) / self.steps if self.steps else 0.0
+
+
+def run(stream: Iterator[list[int]]) -> Result:
+    """Drain a strategy; the first yield is the prefill's, the others are decoding steps."""
+    result = Result()
+    for i, chunk in enumerate(stream):
+        result.tokens.extend(chunk)
+        if i:
+            result.per_step.append(len(chunk))
+    return result
+
+
+def clip(tokens: list[int], produced: int, max_new: int, eos: frozenset[int]) -> tuple[list[int], bool]:
+    """Cut an accepted run at EOS (kept) or at the token budget; True when generation is over."""
+    for i, t in enumerate(tokens):
+        if produced + i + 1 >= max_new or t in eos:
+            return tokens[: i + 1], True
+    return tokens, False
+
+
+def argmax(logits: torch.Tensor) -> int:
+    return int(torch.argmax(logits))

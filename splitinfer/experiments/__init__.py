@@ -1,0 +1,1 @@
+"""What the experiment scripts share: prompt sets, provenance-stamped JSON, plots."""

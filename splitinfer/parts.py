@@ -1,0 +1,120 @@
+"""The three pieces of the split model, each a plain forward over hidden states.
+
+    LocalHead : token ids -> embedding -> layers 0..split_after          (trusted)
+    CloudSpan : hidden -> layers split_after+1 .. resume_at-1            (untrusted)
+    LocalTail : hidden -> layers resume_at..L-1 -> final norm -> LM head (trusted)
+
+Every forward takes explicit rotary tensors, an explicit additive mask against
+the whole cache and the cache itself, so the same code serves prefill, one
+token, and a token tree.  The decoder layers are the model's own
+transformers modules (Llama, Mistral, Qwen2 ...), called directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PretrainedConfig
+
+from .config import Split
+from .models import build_skeleton, materialise
+
+log = logging.getLogger(__name__)
+
+
+class LayerSpan(nn.Module):
+    """A contiguous run of decoder layers; each keeps its global index, which is its slot in the cache."""
+
+    def __init__(self, layers: dict[int, nn.Module]):
+        super().__init__()
+        self.indices = sorted(layers)
+        self.layers = nn.ModuleList(layers[i] for i in self.indices)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [1, q, hidden_size]
+        cos: torch.Tensor,  # [1, q, head_dim]
+        sin: torch.Tensor,  # [1, q, head_dim]
+        mask: torch.Tensor,  # [1, 1, q, past + q] additive
+        cache: DynamicCache,
+    ) -> torch.Tensor:  # [1, q, hidden_size]
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), cache=cache, use_cache=True)
+            if hidden.dim() == 2:  # some layer classes drop the batch dimension of a single row
+                hidden = hidden.unsqueeze(0)
+        return hidden
+
+
+class LocalHead(nn.Module):
+    """Embedding, rotary tables and the first local layers."""
+
+    def __init__(self, embed: nn.Module, rotary: nn.Module, span: LayerSpan):
+        super().__init__()
+        self.embed, self.rotary, self.span = embed, rotary, span
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [1, q, head_dim] for positions [1, q], as the model's own rotary embedding makes them."""
+        probe = torch.empty(0, dtype=dtype, device=self.embed.weight.device)
+        return self.rotary(probe, positions.to(probe.device))
+
+    def forward(self, tokens: torch.Tensor, cos, sin, mask, cache) -> torch.Tensor:
+        return self.span(self.embed(tokens), cos, sin, mask, cache)  # tokens [1, q] -> [1, q, hidden]
+
+
+class LocalTail(nn.Module):
+    """The last local layers, the final norm and the LM head."""
+
+    def __init__(self, span: LayerSpan, norm: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.span, self.norm, self.lm_head = span, norm, lm_head
+
+    def forward(self, hidden, cos, sin, mask, cache) -> torch.Tensor:
+        hidden = self.span(hidden, cos, sin, mask, cache)
+        return self.lm_head(self.norm(hidden))[0].float()  # [q, vocab]
+
+
+class CloudSpan(LayerSpan):
+    """The cloud's layers; the cloud has nothing else (no embedding, head, norm or tokenizer)."""
+
+
+def describe(held: dict[str, int]) -> dict:
+    """Parameter summary for logs and /health."""
+    return {"tensors": len(held), "parameters": sum(held.values()), "names": sorted(held)}
+
+
+def load_local(
+    model_dir: Path, split: Split, device: str, dtype: torch.dtype
+) -> tuple[LocalHead, LocalTail, PretrainedConfig, dict[str, int]]:
+    """The trusted side: tokenizer-facing parts only, never the cloud's layers."""
+    sk = build_skeleton(model_dir)
+    if sk.num_layers != split.num_layers:
+        raise ValueError(f"split is for {split.num_layers} layers, the model has {sk.num_layers}")
+    decoder = sk.model.model
+    modules: dict[str, nn.Module] = {"model.embed_tokens": decoder.embed_tokens, "model.norm": decoder.norm}
+    for i in split.local_layers:
+        modules[f"model.layers.{i}"] = decoder.layers[i]
+    tied = bool(getattr(sk.config, "tie_word_embeddings", False))
+    if not tied:
+        modules["lm_head"] = sk.model.lm_head
+    held = materialise(model_dir, modules, device, dtype)
+    if tied:  # one matrix serves both ends, as in the full model
+        sk.model.lm_head.weight = decoder.embed_tokens.weight
+    rotary = type(decoder.rotary_emb)(config=sk.config).to(device)  # real buffers, not meta
+    head = LocalHead(decoder.embed_tokens, rotary, LayerSpan({i: decoder.layers[i] for i in split.head_layers}))
+    tail = LocalTail(LayerSpan({i: decoder.layers[i] for i in split.tail_layers}), decoder.norm, sk.model.lm_head)
+    return head, tail, sk.config, held
+
+
+def load_cloud(
+    model_dir: Path, split: Split, device: str, dtype: torch.dtype
+) -> tuple[CloudSpan, PretrainedConfig, dict[str, int]]:
+    """The untrusted side: its decoder layers and nothing more."""
+    sk = build_skeleton(model_dir)
+    if sk.num_layers != split.num_layers:
+        raise ValueError(f"split is for {split.num_layers} layers, the model has {sk.num_layers}")
+    layers = {i: sk.model.model.layers[i] for i in split.cloud_layers}
+    held = materialise(model_dir, {f"model.layers.{i}": m for i, m in layers.items()}, device, dtype)
+    return CloudSpan(layers), sk.config, held

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny random models written as real model directories, and the default model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+from splitinfer.config import Split
+from splitinfer.engine import InProcessSpan, SplitModel
+from splitinfer.models import load_config, resolve_model
+from splitinfer.parts import load_cloud, load_local
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=96,
+    max_position_embeddings=512,
+    # Large random weights make the argmax decisive, so float16 rounding on the wire cannot flip it.
+    initializer_range=0.2,
+    eos_token_id=None,
+)
+
+CONFIGS = {
+    "llama": lambda: LlamaConfig(**TINY, tie_word_embeddings=True),
+    "mistral": lambda: MistralConfig(**TINY, tie_word_embeddings=False, sliding_window=None),
+    "qwen2": lambda: Qwen2Config(**TINY, tie_word_embeddings=False, use_sliding_window=False),
+}
+
+
+def write_tiny(kind: str, out: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(CONFIGS[kind]())
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session", params=sorted(CONFIGS))
+def tiny_model(request, tmp_path_factory) -> Path:
+    return write_tiny(request.param, tmp_path_factory.mktemp(request.param))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return write_tiny("llama", tmp_path_factory.mktemp("llama"))
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    return resolve_model(None)
+
+
+def split_model(model_dir: Path, split_after: int = 1, resume_at: int = -2, dtype=torch.float32) -> SplitModel:
+    """A SplitModel with the cloud's layers in-process (float16 wire rounding included)."""
+    split = Split(load_config(model_dir).num_hidden_layers, split_after, resume_at)
+    head, tail, _, _ = load_local(model_dir, split, "cpu", dtype)
+    span, _, _ = load_cloud(model_dir, split, "cpu", dtype)
+    return SplitModel(head, tail, InProcessSpan(span, dtype), dtype)
+
+
+def hf_greedy(model_dir: Path, prompt: list[int], max_new: int, eos: int | None = None) -> list[int]:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    out = model.generate(
+        ids, max_new_tokens=max_new, min_new_tokens=max_new if eos is None else 0, do_sample=False,
+        eos_token_id=eos, pad_token_id=0,
+    )
+    return out[0, len(prompt):].tolist()
