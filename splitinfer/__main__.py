@@ -1,4 +1,4 @@
-"""`python -m splitinfer COMMAND`: prepare-model, demo (and wan, once it exists)."""
+"""`python -m splitinfer COMMAND`: prepare-model, demo, wan."""
 
 from __future__ import annotations
 
@@ -62,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cloud-threads", type=int, default=1, help="torch threads of the cloud process")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=demo)
+    from .wan import add_subparser
+
+    add_subparser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
