@@ -1,45 +1,145 @@
 #!/usr/bin/env python3
-"""Local side of splitinfer: tokenizer, embedding, first and last layers, LM head, decoding.
+"""Local side of splitinfer, serving clients: an OpenAI-compatible HTTP API over the split model.
 
-Talks to cloud_server_kv.py over one persistent WebSocket (the spec's SSH tunnel:
---cloud http://localhost:5000 means the WebSocket is localhost:5001).  With
---prompt it generates once and prints the text.
+The tokenizer, embedding, first and last layers and LM head run here; the middle
+layers run on cloud_server_kv.py, reached over one WebSocket per request (the
+spec's SSH tunnel: --cloud http://localhost:5000 means the WebSocket is
+localhost:5001).  Only float16 activations cross that link: no text, no token ids.
+
+Without --prompt it serves clients (mac_client.py, the official `openai` package,
+anything OpenAI-compatible) on --host:--port:
+
+    POST /v1/chat/completions, POST /v1/completions  (stream: true -> server-sent events)
+    GET  /v1/models, GET /health
+
+With --prompt it generates once, prints the text and exits.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import sys
 
 from splitinfer.cli import add_local_args, add_model_args, read_token, setup
+from splitinfer.config import HTTP_PORT, LOCAL_SERVER_PORT, WS_PORT
 from splitinfer.decoding.strategies import STRATEGIES
 from splitinfer.local import LocalSide
 from splitinfer.remote import CloudError, cloud_session, ws_url
 
+EPILOG = f"""\
+examples:
+  # serve clients on 127.0.0.1:{LOCAL_SERVER_PORT}, the cloud behind the SSH tunnel on :{HTTP_PORT}/:{WS_PORT}
+  %(prog)s --cloud http://localhost:{HTTP_PORT}
+  # one generation, then exit
+  %(prog)s --prompt "Why is the sky blue?" --max-new-tokens 64
+
+when serving, --max-new-tokens is the max_tokens of requests that set none, and --mode
+decodes requests without a temperature (greedy); a temperature > 0 samples instead, one
+token per round trip whatever --mode.  See docs/local_server.md for the three-process
+setup (cloud, local server, client).
+"""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written; "(default: ...)" after options whose default says something."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        says = action.default not in (None, False, argparse.SUPPRESS)
+        if "%(default)" not in text and action.option_strings and says:
+            text += " (default: %(default)s)"
+        return text
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter)
     add_model_args(p)
     add_local_args(p, sorted(STRATEGIES))
-    p.add_argument("--prompt", required=True, help="generate once for this prompt and exit")
-    p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of the text")
+    g = p.add_argument_group("serving clients (without --prompt)")
+    g.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind; the API has no authentication, so keep loopback and reach it from another "
+        "machine through an SSH tunnel (ssh -L), or bind a LAN address only on a trusted network",
+    )
+    g.add_argument(
+        "--port",
+        type=int,
+        default=LOCAL_SERVER_PORT,
+        help=f"HTTP port for clients; ports {HTTP_PORT} and {WS_PORT} on this machine are the SSH tunnel's "
+        "to the cloud (its HTTP health and WebSocket), hence the next one",
+    )
+    g.add_argument(
+        "--served-model-name",
+        default=None,
+        help="model id reported by /v1/models and in responses (default: the model directory's name); "
+        "requests may name any model",
+    )
+    g = p.add_argument_group("one-shot use")
+    g.add_argument("--prompt", default=None, help="generate once for this prompt, print the text and exit (no server)")
+    g.add_argument("--raw", action="store_true", help="with --prompt: send the prompt as is, without the chat template")
+    g.add_argument("--json", action="store_true", help="with --prompt: print one JSON object instead of the text")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.prompt is None and (args.raw or args.json):
+        p.error("--raw and --json go with --prompt")
+    if args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1")
+    return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    setup(args)
-    local = LocalSide(args.model, args.split_after, args.resume_at, args.device, args.dtype)
+def one_shot(local: LocalSide, args: argparse.Namespace, token: str | None) -> int:
     try:
-        with cloud_session(ws_url(args.cloud, args.cloud_ws), read_token(args.auth_token_file)) as span:
+        with cloud_session(ws_url(args.cloud, args.cloud_ws), token) as span:
             g = local.generate(span, local.encode(args.prompt, args.raw), args.max_new_tokens, args.mode)
     except CloudError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps(g.as_dict()) if args.json else g.text)
+    return 0
+
+
+def bind_problem(host: str, port: int) -> str | None:
+    """Why --host:--port cannot be served, checked before the model loads; None when it can."""
+    try:
+        socket.create_server((host, port)).close()
+    except OSError as exc:
+        return os.strerror(exc.errno) if exc.errno else str(exc)
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup(args)
+    token = read_token(args.auth_token_file)
+    if args.prompt is None and (problem := bind_problem(args.host, args.port)):
+        print(f"error: cannot serve on {args.host}:{args.port}: {problem}", file=sys.stderr)
+        return 1
+    local = LocalSide(args.model, args.split_after, args.resume_at, args.device, args.dtype)
+    if args.prompt is not None:
+        return one_shot(local, args, token)
+
+    from splitinfer.serve import create_app, serve
+
+    app = create_app(
+        local,
+        ws_url(args.cloud, args.cloud_ws),
+        token,
+        args.mode,
+        cloud_http_url=args.cloud if "://" in args.cloud else f"http://{args.cloud}",
+        model_name=args.served_model_name,
+        default_max_tokens=args.max_new_tokens,
+    )
+    try:
+        serve(app, args.host, args.port)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:  # the port is taken, or the address is not ours
+        print(f"error: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
