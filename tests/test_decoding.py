@@ -73,11 +73,12 @@ def test_every_candidate_rejected_still_commits_one_token():
 
 
 def test_whole_path_accepted():
-    """A perfectly periodic text: deep guesses get fully accepted, plus the bonus token."""
+    """A perfectly periodic text: once calibration trusts the chain, all 8 guesses are accepted + the bonus."""
     lm = FakeLM(vocab=10, rule=lambda ctx: (ctx[-1] + 1) % 10)
-    result = decoding.run(lookahead(lm, list(range(10)) * 3, 60, frozenset(), max_verify=9, depth=8))
-    assert result.tokens == [(9 + 1 + i) % 10 for i in range(60)]
-    assert max(result.per_step) == 9  # 8 guessed nodes on one chain + the bonus
+    result = decoding.run(lookahead(lm, list(range(10)) * 3, 150, frozenset(), max_verify=9, depth=8))
+    assert result.tokens == [(9 + 1 + i) % 10 for i in range(150)]
+    # Some step accepted every node it verified (a chain of q nodes) and added the bonus: q tokens.
+    assert any(n == q for n, q in zip(result.per_step, lm.calls[1:]) if q > 4)
 
 
 # --- the pieces, against hand-checked examples -------------------------------------------------
@@ -88,7 +89,7 @@ def test_verify_follows_the_argmax_through_the_tree():
     trie.insert([5, 6, 7], "suffix")
     trie.insert([5, 8], "ngram")
     trie.insert([9], "ngram")
-    tree = build(4, trie, lambda t: [], Calibration(), 10)
+    tree = build(4, trie, lambda c: ([], 0), [0], Calibration(), 10)
     assert sorted(tree.path_tokens(n)[-1] for n in range(1, len(tree))) == [5, 6, 7, 8, 9]
     node = {tuple(tree.path_tokens(n)): n for n in range(len(tree))}
     predictions = [0] * len(tree)
@@ -104,7 +105,7 @@ def test_verify_follows_the_argmax_through_the_tree():
 def test_best_first_prefix_is_a_tree_with_falling_scores():
     trie = Trie()
     trie.insert([1, 2, 3, 4], "suffix")
-    tree = build(0, trie, lambda t: [t + 10, t + 20], Calibration(), 12)
+    tree = build(0, trie, lambda c: ([c[-1] + 10, c[-1] + 20], 1), [0], Calibration(), 12)
     assert all(tree.parents[i] < i for i in range(1, len(tree)))
     assert all(a >= b for a, b in zip(tree.scores[1:], tree.scores[2:]))
     small = tree.truncate(4)
@@ -114,9 +115,9 @@ def test_best_first_prefix_is_a_tree_with_falling_scores():
 def test_suffix_index_finds_the_longest_match():
     index = SuffixIndex()
     index.extend([1, 2, 3, 9, 9, 2, 3, 4, 5, 1, 2, 3])
-    assert index.continuations([1, 2, 3], depth=3) == [[9, 9, 2]]
-    assert index.continuations([7, 2, 3], depth=2) == [[4, 5], [9, 9]]
-    assert index.continuations([42], depth=2) == []
+    assert index.continuations([1, 2, 3], depth=3) == ([[9, 9, 2]], 3)
+    assert index.continuations([7, 2, 3], depth=2) == ([[4, 5], [9, 9]], 2)
+    assert index.continuations([42], depth=2) == ([], 0)
 
 
 def test_ngram_pool_keeps_recent_continuations():
@@ -127,8 +128,11 @@ def test_ngram_pool_keeps_recent_continuations():
 
 def test_recycling_table():
     table = RecyclingTable(k=2)
-    table.update([3, 4], torch.tensor([[0.0, 5, 1, 9], [1.0, 0, 0, 0]]))
-    assert table.get(3) == [3, 1] and table.get(4)[0] == 0 and table.get(5) == []
+    table.update([[1, 3], [1, 3, 4]], torch.tensor([[0.0, 5, 1, 9], [1.0, 0, 0, 0]]))
+    assert table.get([1, 3]) == ([3, 1], 2) and table.get([1, 3, 4])[0][0] == 0 and table.get([0, 5]) == ([], 0)
+    table.update([[2, 3]], torch.tensor([[9.0, 0, 0, 5]]))
+    assert table.get([8, 1, 3]) == ([3, 1], 2)  # the longest context seen wins
+    assert table.get([7, 3]) == ([0, 3], 1)  # an unseen pair falls back to the latest for the token
 
 
 def test_cost_model_prefers_big_trees_only_when_compute_is_cheap():

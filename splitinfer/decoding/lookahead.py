@@ -14,11 +14,25 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
 from . import TreeLM, argmax, clip
 from .budget import CostModel
 from .sources import NgramPool, RecyclingTable, SuffixIndex
 from .tree import Calibration, Trie, build, verify
+
+
+SOURCES = frozenset({"suffix", "ngram", "recycle"})
+
+
+@dataclass
+class Memory:
+    """What speculation learns that outlives one generation (Token Recycling keeps its table across
+    requests): the recycling table, the acceptance calibration and the step-cost model.  Local only."""
+
+    recycle: RecyclingTable = field(default_factory=RecyclingTable)
+    calibration: Calibration = field(default_factory=Calibration)
+    cost: CostModel = field(default_factory=CostModel)
 
 
 def lookahead(
@@ -31,31 +45,47 @@ def lookahead(
     max_verify: int | None = None,
     max_nodes: int = 64,
     depth: int = 8,
+    memory: Memory | None = None,
+    sources: frozenset[str] = SOURCES,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Iterator[list[int]]:
-    """max_verify pins the tree size (for experiments); otherwise it is chosen by cost up to max_nodes."""
+    """max_verify pins the tree size (for experiments); otherwise it is chosen by cost up to max_nodes.
+    `sources` picks candidate sources, for ablations."""
     if max_new < 1:
         return
+    if not sources <= SOURCES:
+        raise ValueError(f"unknown candidate sources {sorted(sources - SOURCES)}; known: {sorted(SOURCES)}")
+    memory = memory or Memory()
+    recycle, calibration, cost = memory.recycle, memory.calibration, memory.cost
     limit = min(max_verify or max_nodes, lm.max_step_tokens)
-    index, pool, recycle = SuffixIndex(), NgramPool(ngram), RecyclingTable()
-    calibration, cost = Calibration(), CostModel()
+    index, pool = SuffixIndex(), NgramPool(ngram)
     index.extend(prompt)
     pool.add_sequence(prompt)
 
-    t0 = clock()
-    token = argmax(lm.prefill(prompt))
-    cost.observe(min(len(prompt), lm.max_step_tokens), (clock() - t0) * 1000.0, anchor=True)
+    # Prefill chunk by chunk, so that every prompt position seeds the recycling table for free.
+    step = lm.max_step_tokens
+    for i in range(0, len(prompt), step):
+        t0 = clock()
+        logits = lm.forward(prompt[i : i + step])
+        lm.commit()
+        cost.observe(len(logits), (clock() - t0) * 1000.0, anchor=True)
+        recycle.update([prompt[max(0, j - 2) : j + 1] for j in range(i, i + len(logits))], logits)
+    token = argmax(logits[-1])
     out, done = clip([token], 0, max_new, eos)
     produced = len(out)
     yield out
 
     while not done:
         trie = Trie()
-        for cont in index.continuations([*index.tokens[-index.max_key :], token], depth):
-            trie.insert(cont, "suffix")
-        for cont in pool.lookup(token):
-            trie.insert(cont, "ngram")
-        tree = build(token, trie, recycle.get, calibration, limit)
+        if "suffix" in sources:
+            found, matched = index.continuations([*index.tokens[-index.max_key :], token], depth)
+            for cont in found:
+                trie.insert(cont, "suffix", matched)
+        if "ngram" in sources:
+            for cont in pool.lookup(token):
+                trie.insert(cont, "ngram")
+        next_tokens = recycle.get if "recycle" in sources else (lambda context: ([], 0))
+        tree = build(token, trie, next_tokens, index.tokens[-2:], calibration, limit)
         if max_verify is None:
             tree = tree.truncate(cost.best_size(tree.scores, limit))
 
@@ -67,10 +97,11 @@ def lookahead(
         cost.observe(len(tree), (clock() - t0) * 1000.0)
 
         calibration.observe(tree, path)
-        recycle.update(tree.tokens, logits)
-        before = index.tokens[-ngram:]
-        for node in range(len(tree)):  # what the model predicts after each guess: trajectory n-grams
-            pool.add((before + tree.path_tokens(node))[-(ngram - 1) :] + [predictions[node]])
+        before = index.tokens[-max(ngram, 2) :]
+        contexts = [before + tree.path_tokens(node) for node in range(len(tree))]
+        recycle.update([c[-3:] for c in contexts], logits)
+        for context, prediction in zip(contexts, predictions):  # trajectory n-grams: the model after each guess
+            pool.add(context[-(ngram - 1) :] + [prediction])
         accepted = [tree.tokens[n] for n in path]  # root first
         index.extend(accepted)
         pool.add_sequence(index.tokens[-(len(accepted) + ngram) :])

@@ -5,8 +5,9 @@
 - `NgramPool`: the spec's pool: for a token, the n-1 tokens that followed it,
   filled from the prompt, the output and the model's own predictions at every
   verified node (the trajectories that Jacobi iterations would produce).
-- `RecyclingTable`: Token Recycling's adjacency table: for each token, the
-  top-k next tokens the model predicted after it the last time it was verified.
+- `RecyclingTable`: Token Recycling's adjacency table: for each token (and
+  token pair), the top-k next tokens the model predicted after it the last
+  time it was verified.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ class SuffixIndex:
             for k in range(1, min(self.max_key, end) + 1):
                 self._where[tuple(self.tokens[end - k : end])].append(end)
 
-    def continuations(self, tail: Sequence[int], depth: int, limit: int = 4) -> list[list[int]]:
-        """Up to `limit` continuations (most recent first) of the longest suffix of `tail` seen before."""
+    def continuations(self, tail: Sequence[int], depth: int, limit: int = 4) -> tuple[list[list[int]], int]:
+        """Up to `limit` continuations (most recent first) of the longest suffix of `tail` seen before,
+        and that suffix's length."""
         for k in range(min(self.max_key, len(tail)), 0, -1):
             ends = self._where.get(tuple(tail[-k:]))
             if not ends:
@@ -47,8 +49,8 @@ class SuffixIndex:
                     if len(out) == limit:
                         break
             if out:
-                return out
-        return []
+                return out, k
+        return [], 0
 
 
 class NgramPool:
@@ -79,17 +81,28 @@ class NgramPool:
 
 
 class RecyclingTable:
-    """token -> the model's top-k next tokens after it, refreshed at every verified node."""
+    """Context -> the model's top-k next tokens there, refreshed at every verified node.
 
-    def __init__(self, k: int = 8):
-        self.k = k
-        self._next: dict[int, list[int]] = {}
+    Token Recycling keys its table by one token; keying by the last two and
+    three tokens as well, and preferring the longest key seen, follows the
+    context more closely at no cost in model calls.
+    """
 
-    def update(self, tokens: Sequence[int], logits: torch.Tensor) -> None:
-        """logits [q, vocab] for the block `tokens`."""
+    def __init__(self, k: int = 8, order: int = 3):
+        self.k, self.order = k, order
+        self._table: dict[tuple[int, ...], list[int]] = {}
+
+    def update(self, contexts: Sequence[Sequence[int]], logits: torch.Tensor) -> None:
+        """logits [q, vocab]; contexts[i] ends with the token whose logits row i is."""
         top = torch.topk(logits, self.k, dim=-1).indices.tolist()
-        for token, row in zip(tokens, top):
-            self._next[token] = row
+        for context, row in zip(contexts, top):
+            for n in range(1, min(self.order, len(context)) + 1):
+                self._table[tuple(context[-n:])] = row
 
-    def get(self, token: int) -> list[int]:
-        return self._next.get(token, [])
+    def get(self, context: Sequence[int]) -> tuple[list[int], int]:
+        """(top-k next tokens, how many context tokens the entry matched); ([], 0) if none."""
+        for n in range(min(self.order, len(context)), 0, -1):
+            row = self._table.get(tuple(context[-n:]))
+            if row:
+                return row, n
+        return [], 0

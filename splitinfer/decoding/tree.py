@@ -15,19 +15,22 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+# Who proposed a node: (source, rank or depth, how much context backed it), for calibration.
+Kind = tuple[str, int, int]
+
 
 @dataclass
 class Tree:
     tokens: list[int]
     parents: list[int]
     scores: list[float]
-    kinds: list[tuple[str, int]]  # (source, rank) that proposed each node, for calibration
+    kinds: list[Kind]
     children: dict[tuple[int, int], int] = field(default_factory=dict)  # (parent, token) -> node
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def add(self, parent: int, token: int, score: float, kind: tuple[str, int]) -> int:
+    def add(self, parent: int, token: int, score: float, kind: Kind) -> int:
         self.tokens.append(token)
         self.parents.append(parent)
         self.scores.append(score)
@@ -62,31 +65,32 @@ class Trie:
 
     def __init__(self) -> None:
         self.next: dict[int, Trie] = {}
-        self.kind: tuple[str, int] = ("", 0)
+        self.kind: Kind = ("", 0, 0)
 
-    def insert(self, tokens: Sequence[int], source: str) -> None:
+    def insert(self, tokens: Sequence[int], source: str, support: int = 0) -> None:
+        """A candidate continuation; `support` is how much context matched to find it."""
         node = self
         for depth, t in enumerate(tokens):
             if t not in node.next:
                 child = Trie()
-                child.kind = (source, min(depth, 7))
+                child.kind = (source, min(depth, 7), min(support, 4))
                 node.next[t] = child
             node = node.next[t]
 
 
 class Calibration:
-    """Online estimate of P(node accepted | parent accepted) per (source, rank)."""
+    """Online estimate of P(node accepted | parent accepted) per kind of proposal."""
 
     # Prior means and weight: a few pseudo-observations, replaced by evidence within a few steps.
     PRIOR = {"suffix": 0.5, "ngram": 0.4, "recycle": 0.35}
     WEIGHT = 4.0
 
     def __init__(self) -> None:
-        self.tested: dict[tuple[str, int], float] = defaultdict(float)
-        self.hits: dict[tuple[str, int], float] = defaultdict(float)
+        self.tested: dict[Kind, float] = defaultdict(float)
+        self.hits: dict[Kind, float] = defaultdict(float)
 
-    def p(self, kind: tuple[str, int]) -> float:
-        source, rank = kind
+    def p(self, kind: Kind) -> float:
+        source, rank, _ = kind
         prior = self.PRIOR[source] / (1 + rank) if source == "recycle" else self.PRIOR[source]
         return (self.hits[kind] + self.WEIGHT * prior) / (self.tested[kind] + self.WEIGHT)
 
@@ -101,20 +105,23 @@ class Calibration:
 def build(
     root: int,
     trie: Trie,
-    next_tokens: Callable[[int], list[int]],
+    next_tokens: Callable[[list[int]], tuple[list[int], int]],
+    before: Sequence[int],
     calibration: Calibration,
     max_nodes: int,
 ) -> Tree:
-    """Best-first expansion from the root over the candidate trie and `next_tokens` (the recycling table)."""
-    tree = Tree([root], [-1], [1.0], [("root", 0)])
-    heap: list[tuple[float, int, int, int, tuple[str, int], Trie | None]] = []
+    """Best-first expansion from the root over the candidate trie and `next_tokens(context)`
+    (the recycling table); `before` is the tail of the committed context, before the root."""
+    tree = Tree([root], [-1], [1.0], [("root", 0, 0)])
+    heap: list[tuple[float, int, int, int, Kind, Trie | None]] = []
     counter = 0  # tie-breaker: earlier proposals first
 
     def propose(node: int, trie_node: Trie | None) -> None:
         nonlocal counter
-        options: dict[int, tuple[float, tuple[str, int], Trie | None]] = {}
-        for rank, token in enumerate(next_tokens(tree.tokens[node])):
-            kind = ("recycle", rank)
+        options: dict[int, tuple[float, Kind, Trie | None]] = {}
+        row, order = next_tokens([*before, *tree.path_tokens(node)])
+        for rank, token in enumerate(row):
+            kind = ("recycle", rank, order)
             options[token] = (calibration.p(kind), kind, None)
         for token, child in (trie_node.next.items() if trie_node else ()):
             p = calibration.p(child.kind)

@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Output identity check: sequential, Jacobi and lookahead through a real cloud server process
+vs the full, unsplit model's Hugging Face greedy `generate`.
+
+Reports token-level and exact-sequence agreement, each output's perplexity under
+the full model, and for any difference the first differing position and the full
+model's top-2 logit margin there.  Writes experiment_data/perplexity_comparison.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from splitinfer.cli import add_model_args
+from splitinfer.experiments import identity
+from splitinfer.experiments.record import provenance, write_json
+from splitinfer.experiments.testbed import testbed
+from splitinfer.procs import ROOT
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--modes", nargs="+", default=["sequential", "jacobi", "lookahead"], help="decoding modes to compare")
+    p.add_argument("--per-category", type=int, default=10, help="prompts per category (at most 10)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-verify", type=int, default=None, help="lookahead tree size (default: chosen by cost)")
+    p.add_argument("--block", type=int, default=8, help="Jacobi block size")
+    p.add_argument("--cloud-threads", type=int, default=1, help="torch threads of the cloud process")
+    p.add_argument("--cloud", default=None, help="measure against this existing cloud server (its HTTP URL)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 prompt per category, 16 tokens")
+    p.add_argument("--out", type=Path, default=ROOT / "experiment_data" / "perplexity_comparison.json")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.quick:
+        args.per_category, args.max_new_tokens = 1, 16
+    options = {"jacobi": {"block": args.block}, "lookahead": {"max_verify": args.max_verify}}
+    with testbed(args.model, cloud=args.cloud, cloud_threads=args.cloud_threads, local_threads=args.threads or 1) as bed:
+        data = identity.run(bed, args.modes, args.per_category, args.max_new_tokens, options)
+        settings = {k: v for k, v in vars(args).items() if k not in ("out", "model")}
+        settings["local_threads"] = args.threads or 1
+        write_json(args.out, {**provenance(settings, bed.local.model_dir), **data})
+    for key, s in data["summary"].items():
+        print(f"{key:>24}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,77 @@
+#!/usr/bin/env python3
+"""RTT decomposition: where each decoding step's time goes, and tokens/s at any round-trip time.
+
+With no arguments it starts a cloud server process and the WAN emulator on
+loopback (default model), runs sequential and lookahead at RTTs 0, 20, 40, 80
+and 120 ms over a prompt set, fits the decomposition model, reports its
+leave-one-RTT-out cross-validation error and projects tokens/s at --project
+RTTs.  Writes experiment_data/rtt_analysis.json and rtt_analysis.png.
+With --cloud URL it measures a real remote server instead (no emulator: the RTT
+is whatever the link has; pass --rtts 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from splitinfer.cli import add_model_args
+from splitinfer.experiments import rtt
+from splitinfer.experiments.plots import rtt_figure
+from splitinfer.experiments.record import provenance, write_json
+from splitinfer.experiments.testbed import testbed
+from splitinfer.procs import ROOT
+
+
+def floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--rtts", type=floats, default=[0, 20, 40, 80, 120], help="emulated RTTs in ms, comma-separated")
+    p.add_argument("--modes", nargs="+", default=["sequential", "lookahead"])
+    p.add_argument("--project", type=floats, default=[10, 20, 40, 80], help="RTTs (ms) to project tokens/s at")
+    p.add_argument("--per-category", type=int, default=2, help="prompts per category")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-verify", type=int, default=None, help="pin lookahead's tree size (default: chosen by cost)")
+    p.add_argument("--cloud-threads", type=int, default=1, help="torch threads of the cloud process")
+    p.add_argument("--cloud", default=None, help="measure this existing cloud server (HTTP URL) instead of a local one")
+    p.add_argument("--quick", action="store_true", help="smoke run: RTTs 0,40,80, 1 prompt per category, 12 tokens")
+    p.add_argument("--out", type=Path, default=ROOT / "experiment_data" / "rtt_analysis.json")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.quick:
+        args.rtts, args.per_category, args.max_new_tokens = [0, 40, 80], 1, 12
+    if args.cloud and any(args.rtts):
+        print("note: with --cloud the emulator adds these RTTs on top of the real link's")
+    options = {"lookahead": {"max_verify": args.max_verify}}
+    with testbed(args.model, cloud=args.cloud, cloud_threads=args.cloud_threads, local_threads=args.threads or 1) as bed:
+        records = rtt.measure(bed, args.rtts, args.modes, args.per_category, args.max_new_tokens, options)
+        model_dir = bed.local.model_dir
+    measured = rtt.aggregate(records)
+    model = rtt.Decomposition(records)
+    cv = rtt.cross_validate(records, measured) if len(args.rtts) > 2 else None
+    projection = {m: {rtt.key(x): model.tokens_per_second(m, x) for x in args.project} for m in args.modes}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "model")}
+    settings["local_threads"] = args.threads or 1
+    write_json(args.out, {**provenance(settings, model_dir), "measured": measured, "model": model.as_dict(),
+                          "cross_validation": cv, "projection": projection, "runs": records})
+    rtt_figure(args.out.with_suffix(".png"), measured, model, args.project)
+    for mode in args.modes:
+        row = "  ".join(f"{r} ms: {v['tokens_per_second']:.2f}" for r, v in measured[mode].items())
+        print(f"{mode:>10} tokens/s  {row}")
+    if cv:
+        print(f"leave-one-RTT-out error: mean {100 * cv['mean_abs_error']:.1f}%, max {100 * cv['max_abs_error']:.1f}%")
+    for mode, proj in projection.items():
+        print(f"{mode:>10} projected  " + "  ".join(f"{r} ms: {v:.2f}" for r, v in proj.items()))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

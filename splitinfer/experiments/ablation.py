@@ -1,0 +1,87 @@
+"""Lookahead ablation: n-gram size, candidate sources and verify budget, by prompt category.
+
+Every configuration runs the same prompts through a real cloud server process;
+each records tokens per round trip (step) and tokens per second per prompt.
+The speculation memory (Token Recycling's table, calibration, cost model)
+starts empty for each configuration and is shared across its prompts, in order.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from tqdm import tqdm
+
+from ..decoding.lookahead import SOURCES, Memory
+from . import prompts as prompt_sets
+from .testbed import Bed
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    ngram: int = 4
+    max_verify: int | None = 32
+    sources: frozenset[str] = SOURCES
+
+    def options(self) -> dict[str, Any]:
+        return {"ngram": self.ngram, "max_verify": self.max_verify, "sources": self.sources}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "ngram": self.ngram, "max_verify": self.max_verify, "sources": sorted(self.sources)}
+
+
+def configs(ngrams: list[int], budgets: list[int | None], base_budget: int) -> list[Config]:
+    out = [Config(f"n={n}", ngram=n, max_verify=base_budget) for n in ngrams]
+    for source in sorted(SOURCES):
+        out.append(Config(f"only {source}", max_verify=base_budget, sources=frozenset({source})))
+    for budget in budgets:
+        out.append(Config(f"budget {budget or 'by cost'}", max_verify=budget))
+    return out
+
+
+def run(bed: Bed, cfgs: list[Config], per_category: int, max_new: int) -> dict[str, Any]:
+    prompts = prompt_sets.load(per_category=per_category)
+    encoded = [bed.local.encode(p["prompt"]) for p in prompts]
+    results = []
+    bar = tqdm(total=len(cfgs) * len(prompts), desc="lookahead ablation", unit="prompt")
+    for cfg in cfgs:
+        memory = Memory()
+        rows = []
+        for p, ids in zip(prompts, encoded):
+            g = bed.generate(ids, "lookahead", max_new, memory=memory, **cfg.options())
+            rows.append(
+                {
+                    "category": p["category"],
+                    "prompt": p["prompt"],
+                    "new_tokens": len(g.token_ids),
+                    "steps": g.steps,
+                    "tokens_per_step": sum(g.per_step) / g.steps if g.steps else 0.0,
+                    "tokens_per_second": g.tokens_per_second,
+                    "accepted_per_step": g.per_step,
+                    "verified_per_step": [t["tokens"] for t in g.timings],
+                }
+            )
+            bar.update()
+        results.append({"config": cfg.as_dict(), "prompts": rows, "summary": summarise(rows)})
+    bar.close()
+    return {"configs": results}
+
+
+def summarise(rows: list[dict]) -> dict[str, Any]:
+    """Tokens per step pooled over steps (total tokens / total steps), overall and per category."""
+
+    def pooled(sel: list[dict]) -> dict[str, float]:
+        steps = sum(r["steps"] for r in sel)
+        tokens = sum(sum(r["accepted_per_step"]) for r in sel)
+        return {
+            "tokens_per_step": tokens / steps if steps else 0.0,
+            "tokens_per_second": statistics.mean(r["tokens_per_second"] for r in sel),
+            "mean_verified_per_step": statistics.mean(v for r in sel for v in r["verified_per_step"]),
+            "prompts": len(sel),
+        }
+
+    cats = sorted({r["category"] for r in rows}, key=prompt_sets.CATEGORIES.index)
+    return {"all": pooled(rows), **{c: pooled([r for r in rows if r["category"] == c]) for c in cats}}

@@ -1,0 +1,109 @@
+"""Output identity: every decoding mode through the real split vs the unsplit model's greedy `generate`.
+
+For each prompt and mode: the generated ids, token-level agreement with the
+reference, exact-sequence equality, the output's perplexity under the full
+model, and where two outputs differ, the first differing position and the
+reference model's top-2 logit margin there (near ties are the usual cause).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import AutoModelForCausalLM
+
+from . import prompts as prompt_sets
+from .testbed import Bed
+
+REFERENCE = "hf_generate"
+
+
+class FullModel:
+    """The whole model in this process: reference greedy generation and scoring."""
+
+    def __init__(self, model_dir):
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    @torch.inference_mode()
+    def greedy(self, prompt: list[int], max_new: int, eos: frozenset[int]) -> list[int]:
+        out = self.model.generate(
+            torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
+            eos_token_id=sorted(eos) or None, pad_token_id=sorted(eos)[0] if eos else 0,
+        )
+        return out[0, len(prompt):].tolist()
+
+    @torch.inference_mode()
+    def logits(self, prompt: list[int], output: list[int]) -> torch.Tensor:
+        """Logits [len(output), vocab] predicting each output token."""
+        ids = torch.tensor([prompt + output])
+        return self.model(ids).logits[0, len(prompt) - 1 : -1].float()
+
+    def perplexity(self, prompt: list[int], output: list[int]) -> float:
+        if not output:
+            return float("nan")
+        logp = torch.log_softmax(self.logits(prompt, output), -1)
+        nll = -logp[torch.arange(len(output)), torch.tensor(output)].mean().item()
+        return math.exp(nll)
+
+    def margin(self, prompt: list[int], output: list[int], position: int) -> float:
+        """Top-1 minus top-2 logit of the full model at `position` of `output` (given its own prefix)."""
+        top = torch.topk(self.logits(prompt, output[: position + 1])[position], 2).values
+        return float(top[0] - top[1])
+
+
+def compare(ref: list[int], out: list[int]) -> dict[str, Any]:
+    n = max(len(ref), len(out))
+    same = sum(a == b for a, b in zip(ref, out))
+    first = next((i for i, (a, b) in enumerate(zip(ref, out)) if a != b), None)
+    if first is None and len(ref) != len(out):
+        first = min(len(ref), len(out))
+    return {"token_agreement": same / n if n else 1.0, "identical": ref == out, "first_difference": first}
+
+
+def run(bed: Bed, modes: list[str], per_category: int, max_new: int, options: dict[str, dict]) -> dict[str, Any]:
+    full = FullModel(bed.local.model_dir)
+    eos = bed.local.eos
+    prompts = prompt_sets.load(per_category=per_category)
+    rows = []
+    for p in tqdm(prompts, desc="output identity", unit="prompt"):
+        ids = bed.local.encode(p["prompt"])
+        ref = full.greedy(ids, max_new, eos)
+        row = {"category": p["category"], "prompt": p["prompt"], "outputs": {REFERENCE: ref},
+               "perplexity": {REFERENCE: full.perplexity(ids, ref)}, "comparison": {}}
+        for mode in modes:
+            g = bed.generate(ids, mode, max_new, **options.get(mode, {}))
+            row["outputs"][mode] = g.token_ids
+            row["perplexity"][mode] = full.perplexity(ids, g.token_ids)
+            cmp = compare(ref, g.token_ids)
+            if cmp["first_difference"] is not None and cmp["first_difference"] < min(len(ref), len(g.token_ids)):
+                cmp["reference_top2_margin"] = full.margin(ids, ref, cmp["first_difference"])
+            cmp["steps"] = g.steps
+            cmp["tokens_per_step"] = sum(g.per_step) / g.steps if g.steps else 0.0
+            row["comparison"][mode] = cmp
+        # Modes against each other: all greedy, so all must agree with sequential.
+        for mode in modes:
+            if mode != "sequential" and "sequential" in modes:
+                row["comparison"][f"{mode}_vs_sequential"] = compare(row["outputs"]["sequential"], row["outputs"][mode])
+        rows.append(row)
+    return {"prompts": rows, "summary": summarise(rows, modes)}
+
+
+def summarise(rows: list[dict], modes: list[str]) -> dict[str, Any]:
+    out = {}
+    keys = [*modes, *(f"{m}_vs_sequential" for m in modes if m != "sequential" and "sequential" in modes)]
+    for key in keys:
+        cmps = [r["comparison"][key] for r in rows]
+        out[key] = {
+            "exact_sequence_rate": sum(c["identical"] for c in cmps) / len(cmps),
+            "token_agreement": sum(c["token_agreement"] for c in cmps) / len(cmps),
+            "prompts": len(cmps),
+        }
+        if key in modes:
+            ppl = [r["perplexity"][key] for r in rows if not math.isnan(r["perplexity"][key])]
+            out[key]["mean_perplexity"] = sum(ppl) / len(ppl) if ppl else float("nan")
+    ref_ppl = [r["perplexity"][REFERENCE] for r in rows]
+    out[REFERENCE] = {"mean_perplexity": sum(ref_ppl) / len(ref_ppl)}
+    return out

@@ -1,0 +1,184 @@
+"""Where the time goes, and tokens per second at any round-trip time.
+
+Measurement: each mode runs the prompt set at each emulated RTT; every decoding
+step records its block size K and its local, serialisation, network and cloud
+milliseconds (`StepTiming`), and every generation its wall time, so the time the
+decoding strategy spends between steps (tree building, bookkeeping) is known too.
+
+Model: per step, time(RTT, K) = RTT + net0 + net1*K + local0 + local1*K
++ cloud0 + cloud1*K + ser0 + ser1*K + other(mode); tokens per step and the mean
+K of a mode are linear in RTT (the cost-based budget grows the tree as the link
+slows).  Tokens/s = tokens per step / time.  Each term is a least-squares fit
+over steps; the leave-one-RTT-out cross-validation refits everything without
+one RTT and predicts its tokens/s.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from . import prompts as prompt_sets
+from .testbed import Bed
+
+PARTS = ("network", "local", "cloud", "serialize", "other")
+
+
+def key(rtt: float) -> str:
+    """How an RTT names its entry in the JSON: "0", "20", "12.5"."""
+    return f"{float(rtt):g}"
+
+
+def measure(bed: Bed, rtts: list[float], modes: list[str], per_category: int, max_new: int, options: dict) -> list[dict]:
+    """One record per (rtt, mode, prompt), with every step's timing."""
+    prompts = prompt_sets.load(per_category=per_category)
+    encoded = [bed.local.encode(p["prompt"]) for p in prompts]
+    records = []
+    bar = tqdm(total=len(rtts) * len(modes) * len(prompts), desc="rtt analysis", unit="run")
+    for rtt in rtts:
+        bed.set_rtt(rtt)
+        for mode in modes:
+            memory = _fresh_memory(mode)  # the cost model must learn this link, not the last one
+            for p, ids in zip(prompts, encoded):
+                extra = {"memory": memory} if memory is not None else {}
+                g = bed.generate(ids, mode, max_new, **options.get(mode, {}), **extra)
+                steps = g.timings
+                step_ms = sum(_local(t) + t["serialize_ms"] + t["wait_ms"] for t in steps)
+                records.append(
+                    {
+                        "rtt_ms": float(rtt),
+                        "mode": mode,
+                        "category": p["category"],
+                        "new_tokens": len(g.token_ids),
+                        "steps": g.steps,
+                        "decoded_tokens": sum(g.per_step),
+                        "decode_seconds": g.decode_seconds,
+                        "tokens_per_second": g.tokens_per_second,
+                        "other_ms_per_step": (g.decode_seconds * 1000.0 - step_ms) / g.steps if g.steps else 0.0,
+                        "timings": steps,
+                    }
+                )
+                bar.update()
+    bar.close()
+    bed.set_rtt(0)
+    return records
+
+
+def _fresh_memory(mode: str):
+    if mode != "lookahead":
+        return None
+    from ..decoding.lookahead import Memory
+
+    return Memory()
+
+
+def _local(t: dict) -> float:
+    return t["local_before_ms"] + t["local_after_ms"]
+
+
+def aggregate(records: list[dict]) -> dict[str, Any]:
+    """Measured tokens/s and time shares per (mode, rtt)."""
+    out: dict[str, Any] = {}
+    for mode in sorted({r["mode"] for r in records}):
+        out[mode] = {}
+        for rtt in sorted({r["rtt_ms"] for r in records}):
+            sel = [r for r in records if r["mode"] == mode and r["rtt_ms"] == rtt]
+            if not sel:
+                continue
+            steps = [t for r in sel for t in r["timings"]]
+            totals = {
+                "network": sum(t["network_ms"] for t in steps),
+                "local": sum(_local(t) for t in steps),
+                "cloud": sum(t["cloud_ms"] for t in steps),
+                "serialize": sum(t["serialize_ms"] for t in steps),
+                "other": sum(r["other_ms_per_step"] * r["steps"] for r in sel),
+            }
+            whole = sum(totals.values())
+            decoded = sum(r["decoded_tokens"] for r in sel)
+            seconds = sum(r["decode_seconds"] for r in sel)
+            out[mode][key(rtt)] = {
+                "tokens_per_second": decoded / seconds,
+                "tokens_per_step": decoded / sum(r["steps"] for r in sel),
+                "mean_verified": statistics.mean(t["tokens"] for t in steps),
+                "ms_per_step": {k: v / len(steps) for k, v in totals.items()},
+                "shares": {k: v / whole for k, v in totals.items()},
+            }
+    return out
+
+
+class Decomposition:
+    """The fitted model (see the module docstring)."""
+
+    def __init__(self, records: list[dict]):
+        steps = [(r["rtt_ms"], t) for r in records for t in r["timings"]]
+        k = np.array([t["tokens"] for _, t in steps], float)
+        rtt = np.array([x for x, _ in steps], float)
+        self.terms = {
+            "network": _line(k, np.array([t["network_ms"] for _, t in steps]) - rtt),
+            "local": _line(k, np.array([_local(t) for _, t in steps])),
+            "cloud": _line(k, np.array([t["cloud_ms"] for _, t in steps])),
+            "serialize": _line(k, np.array([t["serialize_ms"] for _, t in steps])),
+        }
+        self.modes: dict[str, dict[str, Any]] = {}
+        for mode in sorted({r["mode"] for r in records}):
+            sel = [r for r in records if r["mode"] == mode]
+            rtts = np.array([r["rtt_ms"] for r in sel], float)
+            tps = np.array([r["decoded_tokens"] / r["steps"] for r in sel])
+            kk = np.array([statistics.mean(t["tokens"] for t in r["timings"]) for r in sel])
+            self.modes[mode] = {
+                "tokens_per_step": _line(rtts, tps),
+                "mean_verified": _line(rtts, kk),
+                "other_ms": float(np.mean([r["other_ms_per_step"] for r in sel])),
+            }
+
+    def step_ms(self, mode: str, rtt: float) -> float:
+        k = _at(self.modes[mode]["mean_verified"], rtt)
+        return rtt + sum(_at(line, k) for line in self.terms.values()) + self.modes[mode]["other_ms"]
+
+    def tokens_per_second(self, mode: str, rtt: float) -> float:
+        return _at(self.modes[mode]["tokens_per_step"], rtt) * 1000.0 / self.step_ms(mode, rtt)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "terms_ms": {name: {"intercept": a, "per_token": b} for name, (a, b) in self.terms.items()},
+            "modes": {
+                m: {
+                    "tokens_per_step": {"intercept": v["tokens_per_step"][0], "per_rtt_ms": v["tokens_per_step"][1]},
+                    "mean_verified": {"intercept": v["mean_verified"][0], "per_rtt_ms": v["mean_verified"][1]},
+                    "other_ms_per_step": v["other_ms"],
+                }
+                for m, v in self.modes.items()
+            },
+        }
+
+
+def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Least-squares intercept and slope; a flat line when x does not vary."""
+    if len(x) == 0:
+        return 0.0, 0.0
+    if np.ptp(x) == 0:
+        return float(np.mean(y)), 0.0
+    slope, intercept = np.polyfit(x, y, 1)
+    return float(intercept), float(slope)
+
+
+def _at(line: tuple[float, float], x: float) -> float:
+    return line[0] + line[1] * x
+
+
+def cross_validate(records: list[dict], measured: dict[str, Any]) -> dict[str, Any]:
+    """Leave one RTT out: fit on the others, predict its tokens/s per mode."""
+    rtts = sorted({r["rtt_ms"] for r in records})
+    rows, errors = [], []
+    for held in rtts:
+        model = Decomposition([r for r in records if r["rtt_ms"] != held])
+        for mode in sorted(model.modes):
+            actual = measured[mode][key(held)]["tokens_per_second"]
+            predicted = model.tokens_per_second(mode, held)
+            err = abs(predicted - actual) / actual
+            errors.append(err)
+            rows.append({"held_out_rtt_ms": held, "mode": mode, "measured": actual, "predicted": predicted, "error": err})
+    return {"folds": rows, "mean_abs_error": float(np.mean(errors)), "max_abs_error": float(np.max(errors))}

@@ -1,0 +1,98 @@
+"""A cloud server process, an optional WAN emulator process in front of it, and the local side.
+
+    with testbed(rtt_ms=80) as bed:
+        g = bed.generate(bed.local.encode("Hi"), "lookahead", 64)
+        bed.set_rtt(20)   # restarts only the emulator
+
+The emulator runs as its own process (`python -m splitinfer wan`), so its
+timers do not compete with the local side's Python for the GIL.  With
+`cloud=URL` an existing, real remote server is measured instead.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from ..local import Generation, LocalSide
+from ..procs import cloud_process, free_port, wait_healthy
+from ..remote import cloud_session, ws_url
+
+
+@dataclass
+class Bed:
+    local: LocalSide
+    cloud_http: str
+    cloud_ws: str  # the real server's WebSocket, before any emulator
+    token: str | None = None
+    rtt_ms: float = 0.0
+    _wan: subprocess.Popen | None = field(default=None, repr=False)
+    _wan_port: int | None = None
+
+    @property
+    def url(self) -> str:
+        """Where the local side connects: through the emulator when one runs."""
+        return f"ws://127.0.0.1:{self._wan_port}" if self._wan else self.cloud_ws
+
+    def set_rtt(self, rtt_ms: float) -> None:
+        self.stop_wan()
+        self.rtt_ms = rtt_ms
+        if rtt_ms <= 0:
+            return
+        host_port = self.cloud_ws.split("//", 1)[1]
+        self._wan_port = free_port()
+        self._wan = subprocess.Popen(
+            [sys.executable, "-m", "splitinfer", "wan", "--rtt-ms", str(rtt_ms), "-L", f"{self._wan_port}:{host_port}"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 30
+        while True:  # wait until the emulator accepts connections
+            try:
+                with cloud_session(self.url, self.token):
+                    return
+            except Exception:  # noqa: BLE001 - not up yet; any failure means "try again" until the deadline
+                if time.monotonic() > deadline or self._wan.poll() is not None:
+                    raise RuntimeError("the WAN emulator did not come up") from None
+                time.sleep(0.2)
+
+    def stop_wan(self) -> None:
+        if self._wan is not None:
+            self._wan.terminate()
+            self._wan.wait(timeout=10)
+            self._wan = None
+
+    def generate(self, prompt_ids: list[int], mode: str, max_new: int, **options: Any) -> Generation:
+        with cloud_session(self.url, self.token) as span:
+            return self.local.generate(span, prompt_ids, max_new, mode, **options)
+
+
+@contextmanager
+def testbed(
+    model: str | Path | None = None,
+    rtt_ms: float = 0.0,
+    cloud: str | None = None,
+    cloud_ws: str | None = None,
+    cloud_threads: int = 1,
+    local_threads: int = 1,
+    token: str | None = None,
+) -> Iterator[Bed]:
+    torch.set_num_threads(local_threads)
+    local = LocalSide(model)
+    with ExitStack() as stack:
+        if cloud is None:
+            http, _ = stack.enter_context(cloud_process(local.model_dir, threads=cloud_threads))
+        else:
+            http = cloud.rstrip("/")
+            wait_healthy(http, timeout=30)
+        bed = Bed(local, http, ws_url(http, cloud_ws), token)
+        stack.callback(bed.stop_wan)
+        bed.set_rtt(rtt_ms)
+        yield bed
