@@ -25,5 +25,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The paper's data: about EXPERIMENT_MINUTES on 2 CPU cores (see README); each script writes
+# experiment_data/*.json with its provenance, then the README and paper numbers are re-rendered.
+experiments: $(STAMP)
+	$(PY) perplexity_comparison.py --threads 1
+	$(PY) lookahead_ablation.py --threads 1
+	$(PY) rtt_analysis.py --threads 1
+	$(PY) benchmarks/wan_side_by_side.py --threads 1
+	$(PY) benchmarks/split_overhead.py --threads 1
+	$(PY) benchmarks/step_cost.py --threads 1
+	$(PY) inversion_experiment.py
+	$(PY) -m splitinfer report README.md paper.md
+
 clean:
 	rm -rf $(VENV) models

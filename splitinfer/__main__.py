@@ -47,6 +47,23 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def report(args: argparse.Namespace) -> int:
+    """Rewrite (or, with --check, verify) the generated numbers in README.md and paper.md."""
+    from .experiments.report import render, stale
+
+    bad = 0
+    for path in args.files:
+        if args.check:
+            names = stale(path)
+            for name in names:
+                print(f"{path}: {name} differs from experiment_data/", file=sys.stderr)
+            bad += len(names)
+        else:
+            render(path)
+            print(f"rendered {path}")
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m splitinfer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cloud-threads", type=int, default=1, help="torch threads of the cloud process")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=demo)
+    p = sub.add_parser("report", help="render the numbers in README.md / paper.md from experiment_data/*.json")
+    p.add_argument("files", nargs="*", type=Path, default=[Path("README.md"), Path("paper.md")])
+    p.add_argument("--check", action="store_true", help="only check; exit 1 if any number differs from the JSON")
+    p.set_defaults(func=report)
     from .wan import add_subparser
 
     add_subparser(sub)

@@ -117,3 +117,39 @@ def test_interactive_one_shot_json(cloud, default_model):
     assert result["text"] and result["tokens_per_second"] > 0
     step = result["timings"][0]
     assert {"local_before_ms", "local_after_ms", "cloud_ms", "network_ms", "serialize_ms", "wait_ms"} <= set(step)
+
+
+@pytest.mark.parametrize("mode", ["jacobi", "lookahead"])
+def test_speculative_modes_equal_sequential_on_the_default_model(cloud, local, mode):
+    for prompt in PROMPTS[:2]:
+        ids = local.encode(prompt)
+        with cloud_session(ws_url(cloud)) as span:
+            want = local.generate(span, ids, 48).token_ids
+        with cloud_session(ws_url(cloud)) as span:
+            got = local.generate(span, ids, 48, mode)
+        assert got.token_ids == want, prompt
+        assert got.steps == len(got.per_step) and sum(got.per_step) == len(want) - 1
+
+
+def test_one_request_and_one_reply_per_lookahead_step(cloud, local):
+    """Count the WebSocket messages on the real socket: open + prefill + one per step + close, each answered."""
+    ids = local.encode("List the numbers from one to twenty, separated by commas.")
+    with cloud_session(ws_url(cloud)) as span:
+        counts = {"sent": 0, "received": 0}
+        ws = span.conn.ws
+        send, recv = ws.send, ws.recv
+
+        def counting_send(data, *a, **k):
+            counts["sent"] += 1
+            return send(data, *a, **k)
+
+        def counting_recv(*a, **k):
+            counts["received"] += 1
+            return recv(*a, **k)
+
+        ws.send, ws.recv = counting_send, counting_recv
+        g = local.generate(span, ids, 40, "lookahead")
+        during = dict(counts)
+    assert max(g.per_step) > 1  # speculation did commit several tokens in some step
+    prefill = -(-len(ids) // span.max_step_tokens)
+    assert during == {"sent": prefill + g.steps, "received": prefill + g.steps}

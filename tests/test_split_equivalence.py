@@ -54,3 +54,38 @@ def test_selective_loading_reads_only_owned_tensors(tiny_llama):
     assert all(name.startswith(("model.layers.2.", "model.layers.3.")) for name in held)
     assert sk.model.model.embed_tokens.weight.is_meta and sk.model.model.layers[0].mlp.up_proj.weight.is_meta
     assert not sk.model.model.layers[2].mlp.up_proj.weight.is_meta
+
+
+@pytest.mark.parametrize("mode", ["jacobi", "lookahead"])
+@pytest.mark.parametrize("prompt", PROMPTS[:3])
+def test_speculative_modes_equal_sequential_on_a_real_tiny_model(tiny_model, mode, prompt):
+    from splitinfer.decoding.strategies import STRATEGIES
+
+    want = decoding.run(sequential(split_model(tiny_model), prompt, 40, frozenset())).tokens
+    options = {"lookahead": {"max_verify": 12}, "jacobi": {"block": 6}}[mode]
+    lm = split_model(tiny_model)
+    got = decoding.run(STRATEGIES[mode](lm, prompt, 40, frozenset(), **options))
+    assert got.tokens == want
+    assert got.steps == len(lm.timings) - 1  # one forward per step after the prefill
+
+
+def test_relocation_of_a_non_contiguous_path_keeps_the_caches_right(tiny_llama):
+    """Verify a tree, keep a path that skips nodes, then continue: same logits as computing the path directly."""
+    prompt = PROMPTS[0]
+    a, b = split_model(tiny_llama), split_model(tiny_llama)
+    a.prefill(prompt)
+    b.prefill(prompt)
+    a.forward([10, 11, 12, 13, 14], [-1, 0, 0, 2, 1])  # root, two children, grandchildren
+    a.commit([0, 2, 3])  # root -> node 2 -> node 3 (skips nodes 1 and 4)
+    b.forward([10, 12, 13])
+    b.commit()
+    assert a.length == b.length == len(prompt) + 3
+    la, lb = a.forward([20, 21]), b.forward([20, 21])
+    # Batching differently moves float16 wire values by an ulp at most; a wrong cache moves everything.
+    assert torch.allclose(la, lb, atol=1e-2)
+    assert torch.equal(la.argmax(-1), lb.argmax(-1))
+    wrong = split_model(tiny_llama)
+    wrong.prefill(prompt)
+    wrong.forward([10, 11, 12])  # the path that skips the wrong nodes would give this
+    wrong.commit()
+    assert not torch.allclose(la, wrong.forward([20, 21]), atol=1e-2)

@@ -1,0 +1,76 @@
+#!/usr/bin/env python3
+"""Sequential vs lookahead through the WAN emulator, same prompts, one run.
+
+Reports each mode's tokens/s, their ratio, and for sequential the share of its
+physical limit reached: limit = 1 / (RTT + measured local + cloud compute per
+step).  Measures; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from splitinfer.cli import add_model_args
+from splitinfer.decoding.lookahead import Memory
+from splitinfer.experiments import prompts as prompt_sets
+from splitinfer.experiments.record import provenance, write_json
+from splitinfer.experiments.testbed import testbed
+from splitinfer.procs import ROOT
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--rtt-ms", type=float, default=80.0, help="emulated round-trip time")
+    p.add_argument("--per-category", type=int, default=3, help="prompts per category")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-verify", type=int, default=None, help="pin lookahead's tree size (default: chosen by cost)")
+    p.add_argument("--cloud-threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=ROOT / "experiment_data" / "wan_side_by_side.json")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    prompts = prompt_sets.load(per_category=args.per_category)
+    runs: dict[str, list[dict]] = {"sequential": [], "lookahead": []}
+    with testbed(args.model, rtt_ms=args.rtt_ms, cloud_threads=args.cloud_threads, local_threads=args.threads or 1) as bed:
+        memory = Memory()
+        for p in prompts:
+            ids = bed.local.encode(p["prompt"])
+            for mode, opts in (("sequential", {}), ("lookahead", {"max_verify": args.max_verify, "memory": memory})):
+                g = bed.generate(ids, mode, args.max_new_tokens, **opts)
+                runs[mode].append({"category": p["category"], "prompt": p["prompt"], **g.as_dict()})
+        model_dir = bed.local.model_dir
+    summary = {}
+    for mode, rs in runs.items():
+        decoded = sum(sum(r["accepted_per_step"]) for r in rs)
+        seconds = sum(r["decode_seconds"] for r in rs)
+        steps = [t for r in rs for t in r["timings"]]
+        local = statistics.mean(t["local_before_ms"] + t["local_after_ms"] for t in steps)
+        cloud = statistics.mean(t["cloud_ms"] for t in steps)
+        summary[mode] = {
+            "tokens_per_second": decoded / seconds,
+            "tokens_per_step": decoded / len(steps),
+            "ms_per_step": seconds * 1000 / len(steps),
+            "local_ms_per_step": local,
+            "cloud_ms_per_step": cloud,
+            "physical_limit_tokens_per_second": 1000.0 / (args.rtt_ms + local + cloud),
+        }
+    seq, la = summary["sequential"], summary["lookahead"]
+    seq["share_of_physical_limit"] = seq["tokens_per_second"] / seq["physical_limit_tokens_per_second"]
+    ratio = la["tokens_per_second"] / seq["tokens_per_second"]
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "model")}
+    settings["local_threads"] = args.threads or 1
+    write_json(args.out, {**provenance(settings, model_dir), "summary": summary, "lookahead_over_sequential": ratio, "runs": runs})
+    print(f"at {args.rtt_ms:g} ms RTT: sequential {seq['tokens_per_second']:.2f} tok/s "
+          f"({100 * seq['share_of_physical_limit']:.1f}% of its limit {seq['physical_limit_tokens_per_second']:.2f}), "
+          f"lookahead {la['tokens_per_second']:.2f} tok/s ({la['tokens_per_step']:.2f} tokens/step), ratio {ratio:.2f}x")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

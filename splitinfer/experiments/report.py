@@ -1,0 +1,211 @@
+"""Numbers in README.md and paper.md, rendered from experiment_data/*.json, never typed by hand.
+
+A document marks each generated piece:
+
+    <!--BEGIN table:rtt-->  ...markdown table...  <!--END table:rtt-->
+    tokens per step <!--v:ablation.code-->2.31<!--/v-->
+
+`render` rewrites every marked piece from the JSON; `stale` lists pieces whose
+text differs from what the JSON gives (the test suite runs it on the committed
+files).  Each value names the file it comes from.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from ..procs import ROOT
+
+DATA = ROOT / "experiment_data"
+BLOCK = re.compile(r"(<!--BEGIN (?P<name>[\w:.\-]+)-->)(?P<body>.*?)(<!--END (?P=name)-->)", re.S)
+VALUE = re.compile(r"(<!--v:(?P<name>[\w.\-]+)-->)(?P<body>.*?)(<!--/v-->)", re.S)
+
+
+@lru_cache(maxsize=None)
+def load(name: str) -> dict[str, Any]:
+    return json.loads((DATA / f"{name}.json").read_text())
+
+
+def f2(x: float) -> str:
+    return f"{x:.2f}"
+
+
+def pct(x: float, digits: int = 1) -> str:
+    return f"{100 * x:.{digits}f}%"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _source(name: str) -> str:
+    d = load(name)
+    return f"\n\n<sub>From `experiment_data/{name}.json`: `{d['command']}` at {d['commit'][:12]}, {d['date']}.</sub>"
+
+
+# -- blocks -----------------------------------------------------------------------------------
+
+
+def table_overhead() -> str:
+    d = load("split_overhead")
+    s, m, f = d["split"], d["memory"], d["full_model"]
+    b = s["breakdown_ms_per_step"]
+    rows = [
+        ["split, loopback (sequential)", f2(s["tokens_per_second"]), f"{s['ms_per_step']:.1f}", pct(s["serialization_share"], 2)],
+        ["full model, one process", f2(f["tokens_per_second"]), f"{1000 / f['tokens_per_second']:.1f}", "-"],
+    ]
+    mem = _table(
+        ["", "parameters", "peak RSS (MB)"],
+        [
+            ["local side", f"{m['local_parameters'] / 1e6:.1f}M ({pct(m['local_share_of_parameters'], 0)})", f"{m['local_peak_rss_mb']:.0f}"],
+            ["cloud side", f"{m['cloud_parameters'] / 1e6:.1f}M", f"{m['cloud_peak_rss_mb']:.0f}"],
+            ["whole model", f"{m['whole_model_parameters'] / 1e6:.1f}M", f"{m['whole_model_peak_rss_mb']:.0f}"],
+        ],
+    )
+    parts = ", ".join(f"{k.removesuffix('_ms')} {v:.1f}" for k, v in b.items())
+    return (
+        _table(["", "tokens/s", "ms/step", "serialisation share"], rows)
+        + f"\n\nPer step (ms): {parts}.\n\n" + mem + _source("split_overhead")
+    )
+
+
+def table_ablation() -> str:
+    d = load("lookahead_ablation")
+    cats = ["all", "code", "structured", "conversational", "creative"]
+    rows = []
+    for c in d["configs"]:
+        s = c["summary"]
+        rows.append([c["config"]["name"], *(f2(s[k]["tokens_per_step"]) if k in s else "-" for k in cats),
+                     f"{s['all']['mean_verified_per_step']:.1f}", f2(s["all"]["tokens_per_second"])])
+    return _table(["config", *cats, "nodes/step", "tokens/s"], rows) + _source("lookahead_ablation")
+
+
+def table_identity() -> str:
+    d = load("perplexity_comparison")
+    rows = []
+    for key, s in d["summary"].items():
+        if key == "hf_generate":
+            continue
+        rows.append([key.replace("_vs_", " vs "), pct(s["exact_sequence_rate"]), pct(s["token_agreement"], 2),
+                     f"{s['mean_perplexity']:.3f}" if "mean_perplexity" in s else "-"])
+    rows.append(["hf_generate (reference)", "-", "-", f"{d['summary']['hf_generate']['mean_perplexity']:.3f}"])
+    diffs = [
+        f"{r['category']} prompt, {mode}: first difference at token {c['first_difference']}, "
+        f"reference top-2 margin {c.get('reference_top2_margin', float('nan')):.3f}"
+        for r in d["prompts"] for mode, c in r["comparison"].items()
+        if "_vs_" not in mode and not c["identical"]
+    ]
+    text = _table(["mode vs HF generate", "exact sequences", "tokens agreeing", "mean perplexity"], rows)
+    if diffs:
+        text += "\n\nDifferences: " + "; ".join(diffs) + "."
+    return text + _source("perplexity_comparison")
+
+
+def table_rtt() -> str:
+    d = load("rtt_analysis")
+    modes = sorted(d["measured"])
+    rtts = list(d["measured"][modes[0]])
+    rows = [[m, *(f2(d["measured"][m][r]["tokens_per_second"]) for r in rtts)] for m in modes]
+    text = _table(["tokens/s at RTT (ms)", *rtts], rows)
+    shares = []
+    for m in modes:
+        for r in ("0", "80"):
+            if r in d["measured"][m]:
+                sh = d["measured"][m][r]["shares"]
+                shares.append([f"{m} @ {r} ms", *(pct(sh[k], 0) for k in ("network", "local", "cloud", "serialize", "other"))])
+    text += "\n\n" + _table(["latency breakdown", "network", "local", "cloud", "serialisation", "decoding logic"], shares)
+    if d.get("cross_validation"):
+        cv = d["cross_validation"]
+        text += f"\n\nLeave-one-RTT-out error of the decomposition model: mean {pct(cv['mean_abs_error'])}, max {pct(cv['max_abs_error'])}."
+    proj = d["projection"]
+    text += "\n\n" + _table(["projected tokens/s at RTT (ms)", *proj[modes[0]]], [[m, *(f2(v) for v in proj[m].values())] for m in modes])
+    return text + _source("rtt_analysis")
+
+
+def table_side_by_side() -> str:
+    d = load("wan_side_by_side")
+    s = d["summary"]
+    rows = [[m, f2(v["tokens_per_second"]), f2(v["tokens_per_step"]), f"{v['ms_per_step']:.0f}",
+             f"{v['local_ms_per_step']:.0f}", f"{v['cloud_ms_per_step']:.0f}"] for m, v in s.items()]
+    text = _table(["mode", "tokens/s", "tokens/step", "ms/step", "local ms", "cloud ms"], rows)
+    text += (f"\n\nLookahead / sequential: {d['lookahead_over_sequential']:.2f}x; sequential reaches "
+             f"{pct(s['sequential']['share_of_physical_limit'])} of its physical limit "
+             f"({f2(s['sequential']['physical_limit_tokens_per_second'])} tokens/s).")
+    return text + _source("wan_side_by_side")
+
+
+BLOCKS: dict[str, Callable[[], str]] = {
+    "table:overhead": table_overhead,
+    "table:ablation": table_ablation,
+    "table:identity": table_identity,
+    "table:rtt": table_rtt,
+    "table:side-by-side": table_side_by_side,
+}
+
+
+# -- inline values ----------------------------------------------------------------------------
+
+
+def _ablation(config: str, key: str, field: str = "tokens_per_step") -> str:
+    for c in load("lookahead_ablation")["configs"]:
+        if c["config"]["name"] == config:
+            return f2(c["summary"][key][field])
+    raise KeyError(f"no ablation config {config!r}")
+
+
+def value(name: str) -> str:
+    """Inline values, by dotted name: file.what[.detail]."""
+    file, _, what = name.partition(".")
+    if file == "ablation":  # ablation.<config name with _ for space>.<category>
+        config, _, key = what.rpartition(".")
+        return _ablation(config.replace("_", " "), key)
+    if file == "sbs":
+        d = load("wan_side_by_side")
+        if what == "ratio":
+            return f2(d["lookahead_over_sequential"])
+        mode, _, field = what.partition(".")
+        v = d["summary"][mode][field]
+        return pct(v) if field.startswith("share") else f2(v)
+    if file == "rtt":
+        d = load("rtt_analysis")
+        if what.startswith("cv."):
+            return pct(d["cross_validation"][what[3:]])
+        mode, _, r = what.partition(".")
+        return f2(d["measured"][mode][r]["tokens_per_second"])
+    if file == "overhead":
+        d = load("split_overhead")
+        if what == "serialization_share":
+            return pct(d["split"]["serialization_share"], 2)
+        if what == "local_share":
+            return pct(d["memory"]["local_share_of_parameters"], 0)
+        return f2(d["split" if what == "split_tps" else "full_model"]["tokens_per_second"])
+    if file == "identity":
+        return pct(load("perplexity_comparison")["summary"][what]["exact_sequence_rate"])
+    raise KeyError(f"unknown value {name!r}")
+
+
+# -- documents --------------------------------------------------------------------------------
+
+
+def render_text(text: str) -> str:
+    text = BLOCK.sub(lambda m: f"{m.group(1)}\n{BLOCKS[m.group('name')]()}\n{m.group(4)}", text)
+    return VALUE.sub(lambda m: f"{m.group(1)}{value(m.group('name'))}{m.group(4)}", text)
+
+
+def stale(path: Path) -> list[str]:
+    """Names of the marked pieces whose text differs from the JSON."""
+    text = path.read_text()
+    out = [m.group("name") for m in BLOCK.finditer(text) if m.group("body").strip() != BLOCKS[m.group("name")]().strip()]
+    out += [m.group("name") for m in VALUE.finditer(text) if m.group("body") != value(m.group("name"))]
+    return out
+
+
+def render(path: Path) -> None:
+    path.write_text(render_text(path.read_text()))
