@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from splitinfer.cli import add_local_args, add_model_args, read_token, setup
 from splitinfer.decoding.strategies import STRATEGIES
 from splitinfer.experiments.record import peak_rss_mb
 from splitinfer.local import Generation, LocalSide
 from splitinfer.remote import CloudError, cloud_session, ws_url
+from splitinfer.serve.text import TextStream
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,6 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt", default=None, help="generate once for this prompt and exit")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
     p.add_argument("--json", action="store_true", help="with --prompt: print one JSON object instead of text")
+    p.add_argument(
+        "--trace", type=Path, default=None,
+        help="append one JSON line per decoding step (tokens verified, local/cloud/network/serialisation ms) to FILE",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
 
@@ -33,12 +39,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def generate(local: LocalSide, args: argparse.Namespace, prompt_ids: list[int], stream: bool) -> Generation:
     url = ws_url(args.cloud, args.cloud_ws)
 
+    text = TextStream(local.decode)  # holds back a character whose bytes span two tokens
+
     def show(chunk: list[int]) -> None:
-        # Decoding chunk by chunk can split a multi-byte character; fine for a terminal.
-        print(local.tokenizer.decode(chunk, skip_special_tokens=True), end="", flush=True)
+        print(text.push(chunk), end="", flush=True)
 
     with cloud_session(url, read_token(args.auth_token_file)) as span:
-        return local.generate(span, prompt_ids, args.max_new_tokens, args.mode, on_tokens=show if stream else None)
+        g = local.generate(span, prompt_ids, args.max_new_tokens, args.mode, on_tokens=show if stream else None)
+    if stream:
+        print(text.finish(), end="", flush=True)
+    if args.trace:
+        with args.trace.open("a") as f:
+            for i, (step, accepted) in enumerate(zip(g.timings, g.per_step)):
+                f.write(json.dumps({"step": i + 1, "mode": args.mode, "accepted": accepted, **step}) + "\n")
+    return g
 
 
 def stats(g: Generation) -> str:

@@ -28,15 +28,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
     p.add_argument("--ngrams", type=int, nargs="+", default=[3, 4, 5, 6, 7], help="n-gram sizes to sweep")
-    p.add_argument("--budgets", type=budget, nargs="+", default=[8, 16, 32, 64, None],
+    p.add_argument("--main-budget", type=int, default=64, help="tree size of the headline run over the whole prompt set")
+    p.add_argument("--main-per-category", type=int, default=10, help="prompts per category of the headline run")
+    p.add_argument("--budgets", type=budget, nargs="+", default=[16, 64, None],
                    help="tree sizes (nodes verified per step) to sweep; 'cost' = chosen by measured cost")
     p.add_argument("--base-budget", type=int, default=32, help="tree size for the n-gram and source sweeps")
-    p.add_argument("--per-category", type=int, default=10, help="prompts per category (at most 10)")
+    p.add_argument("--per-category", type=int, default=3, help="prompts per category of the sweeps (at most 10)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--rtt-ms", type=float, default=0.0, help="emulated round-trip time to the cloud")
     p.add_argument("--cloud-threads", type=int, default=1, help="torch threads of the cloud process")
     p.add_argument("--cloud", default=None, help="measure against this existing cloud server (its HTTP URL)")
-    p.add_argument("--quick", action="store_true", help="a minute-long smoke run: n=3,4, budget 8, 1 prompt per category, 16 tokens")
+    p.add_argument("--quick", action="store_true", help="a smoke run: n=3,4, budget 8, 1 prompt per category, 16 tokens")
     p.add_argument("--out", type=Path, default=ROOT / "experiment_data" / "lookahead_ablation.json")
     return p.parse_args(argv)
 
@@ -45,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.quick:
         args.ngrams, args.budgets, args.base_budget, args.per_category, args.max_new_tokens = [3, 4], [8], 8, 1, 16
-    cfgs = ablation.configs(args.ngrams, args.budgets, args.base_budget)
+        args.main_budget, args.main_per_category = 8, 1
+    cfgs = ablation.configs(args.ngrams, args.budgets, args.base_budget, args.main_budget, args.main_per_category)
     with testbed(args.model, args.rtt_ms, args.cloud, cloud_threads=args.cloud_threads, local_threads=args.threads or 1) as bed:
         data = ablation.run(bed, cfgs, args.per_category, args.max_new_tokens)
         settings = {k: v for k, v in vars(args).items() if k not in ("out", "model")}

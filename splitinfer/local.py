@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 from .config import Split
 from .decoding import Result
+from .decoding.lookahead import Memory
 from .decoding.strategies import STRATEGIES
 from .engine import SplitModel, Span
 from .models import default_device, load_config, resolve_dtype, resolve_model
@@ -77,6 +78,9 @@ class LocalSide:
         self.head, self.tail, self.config, held = load_local(self.model_dir, self.split, self.device, self.dtype)
         self.held = describe(held)
         self.eos = self._eos_ids()
+        # Lookahead's learned tables and cost model, kept across generations as Token Recycling does.
+        # Local only; shared by concurrent requests (their updates are single dict/deque operations).
+        self.memory = Memory()
         log.info(
             "local side: %s, layers %s + %s, %d tensors, %.1fM parameters, %s %s",
             self.model_dir,
@@ -122,6 +126,8 @@ class LocalSide:
         **options,
     ) -> Generation:
         lm = self.model(span)
+        if mode == "lookahead":
+            options.setdefault("memory", self.memory)
         strategy = STRATEGIES[mode](lm, prompt_ids, max_new, self.eos, **options)
         result = Result()
         t0 = time.perf_counter()

@@ -25,16 +25,21 @@ class Config:
     ngram: int = 4
     max_verify: int | None = 32
     sources: frozenset[str] = SOURCES
+    per_category: int | None = None  # None: the run's default
 
     def options(self) -> dict[str, Any]:
         return {"ngram": self.ngram, "max_verify": self.max_verify, "sources": self.sources}
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "ngram": self.ngram, "max_verify": self.max_verify, "sources": sorted(self.sources)}
+        return {"name": self.name, "ngram": self.ngram, "max_verify": self.max_verify, "sources": sorted(self.sources),
+                "per_category": self.per_category}
 
 
-def configs(ngrams: list[int], budgets: list[int | None], base_budget: int) -> list[Config]:
-    out = [Config(f"n={n}", ngram=n, max_verify=base_budget) for n in ngrams]
+def configs(ngrams: list[int], budgets: list[int | None], base_budget: int, main_budget: int,
+            main_per_category: int) -> list[Config]:
+    """The headline configuration over the whole prompt set first, then the sweeps."""
+    out = [Config(f"main {main_budget}", max_verify=main_budget, per_category=main_per_category)]
+    out += [Config(f"n={n}", ngram=n, max_verify=base_budget) for n in ngrams]
     for source in sorted(SOURCES):
         out.append(Config(f"only {source}", max_verify=base_budget, sources=frozenset({source})))
     for budget in budgets:
@@ -43,14 +48,15 @@ def configs(ngrams: list[int], budgets: list[int | None], base_budget: int) -> l
 
 
 def run(bed: Bed, cfgs: list[Config], per_category: int, max_new: int) -> dict[str, Any]:
-    prompts = prompt_sets.load(per_category=per_category)
-    encoded = [bed.local.encode(p["prompt"]) for p in prompts]
+    sets = {n: prompt_sets.load(per_category=n) for n in {cfg.per_category or per_category for cfg in cfgs}}
+    encoded = {p["prompt"]: bed.local.encode(p["prompt"]) for ps in sets.values() for p in ps}
     results = []
-    bar = tqdm(total=len(cfgs) * len(prompts), desc="lookahead ablation", unit="prompt")
+    bar = tqdm(total=sum(len(sets[cfg.per_category or per_category]) for cfg in cfgs), desc="lookahead ablation", unit="prompt")
     for cfg in cfgs:
         memory = Memory()
         rows = []
-        for p, ids in zip(prompts, encoded):
+        for p in sets[cfg.per_category or per_category]:
+            ids = encoded[p["prompt"]]
             g = bed.generate(ids, "lookahead", max_new, memory=memory, **cfg.options())
             rows.append(
                 {

@@ -140,7 +140,10 @@ class Service:
 
     def strategy(self, req: Request) -> tuple[str, Callable[..., Iterator[list[int]]]]:
         if req.greedy:
-            return self.mode, functools.partial(STRATEGIES[self.mode], **self.strategy_options)
+            options = dict(self.strategy_options)
+            if self.mode == "lookahead":  # the learned tables outlive one request, as in Token Recycling
+                options.setdefault("memory", self.local.memory)
+            return self.mode, functools.partial(STRATEGIES[self.mode], **options)
         options = {"temperature": req.temperature, "top_p": req.top_p, "generator": make_generator(req.seed)}
         return "sampling", functools.partial(sampling, **options)
 
