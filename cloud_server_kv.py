@@ -8,9 +8,10 @@ it sees float16 hidden states, rotary tables and masks, never text or token ids.
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
-from splitinfer.cli import add_model_args, read_token, setup
+from splitinfer.cli import TOKEN_ENV, add_model_args, read_token, setup
 from splitinfer.cloud.server import build
 from splitinfer.config import HTTP_PORT, WS_PORT, Limits
 
@@ -21,7 +22,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cloud-start", type=int, default=None, help="first cloud layer (default 2)")
     p.add_argument("--cloud-end", type=int, default=None, help="last cloud layer, inclusive (default L-3)")
     p.add_argument(
-        "--host", default="127.0.0.1", help="address to bind; keep loopback and reach it through an SSH tunnel"
+        "--host",
+        default="127.0.0.1",
+        help="address to bind; keep loopback and reach it through an SSH tunnel or a TLS proxy (docs/security.md)",
     )
     p.add_argument("--port", type=int, default=HTTP_PORT, help="HTTP port for GET /health")
     p.add_argument("--ws-port", type=int, default=WS_PORT, help="WebSocket port for activation frames")
@@ -29,13 +32,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--auth-token-file",
         type=Path,
         default=None,
-        help="file holding a shared secret; clients must send it as 'Authorization: Bearer <token>'",
+        help="file holding a shared secret (first line); clients must send it as 'Authorization: Bearer <token>' "
+        f"or are refused at the handshake (HTTP 401); without it, ${TOKEN_ENV} if set, else no authentication",
     )
     d = Limits()
     p.add_argument("--idle-timeout", type=float, default=d.idle_seconds, help="seconds before an idle session is dropped")
     p.add_argument("--max-sessions", type=int, default=d.max_sessions, help="sessions held at once")
     p.add_argument("--max-context", type=int, default=d.max_context, help="tokens held in one session's cache")
     p.add_argument("--max-step-tokens", type=int, default=d.max_step_tokens, help="new tokens in one forward")
+    p.add_argument(
+        "--max-connections", type=int, default=None, help="WebSocket connections at once; None: 4 x --max-sessions"
+    )
     p.add_argument("--max-frame-mb", type=float, default=d.max_frame_bytes / 2**20, help="largest frame accepted, MiB")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
@@ -44,6 +51,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup(args)
+    token = read_token(args.auth_token_file)  # before loading the model: a bad token file fails at once
+    for name in ("max_sessions", "max_context", "max_step_tokens", "max_frame_mb", "idle_timeout"):
+        if getattr(args, name) <= 0:
+            raise SystemExit(f"error: --{name.replace('_', '-')} must be positive")
+    logging.getLogger("cloud_server_kv").info(
+        "authentication: %s", "bearer token required" if token else "OFF (no --auth-token-file or $" + TOKEN_ENV + ")"
+    )
     limits = Limits(
         max_sessions=args.max_sessions,
         max_context=args.max_context,
@@ -53,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     server = build(
         args.model, args.cloud_start, args.cloud_end, args.device, args.dtype, limits, args.ws_port,
-        read_token(args.auth_token_file),
+        token, args.max_connections,
     )
     try:
         server.run(args.host, args.port, args.ws_port)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -47,13 +48,31 @@ def setup(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
 
 
+TOKEN_ENV = "SPLITINFER_AUTH_TOKEN"
+
+
 def read_token(path: Path | None) -> str | None:
-    """A shared secret from a file (first line, stripped); None when no file is given."""
+    """The shared secret: a file's first line (stripped), else $SPLITINFER_AUTH_TOKEN, else None (no auth).
+
+    The variable only supplies the secret when no file is given; it switches nothing else.
+    A token travels in an HTTP header, so it must be printable ASCII without spaces.
+    """
     if path is None:
-        return None
-    token = path.read_text().strip()
-    if not token:
-        raise SystemExit(f"error: {path} is empty; put the shared secret on its first line")
+        token, source = os.environ.get(TOKEN_ENV, "").strip(), f"${TOKEN_ENV}"
+        if not token:
+            return None
+    else:
+        try:
+            lines = path.read_text().splitlines()
+        except OSError as exc:
+            raise SystemExit(f"error: cannot read the token file {path}: {exc.strerror}") from None
+        token, source = (lines[0].strip() if lines else ""), str(path)
+        if not token:
+            raise SystemExit(f"error: {path} is empty; put the shared secret on its first line")
+        if path.stat().st_mode & 0o077:
+            logging.getLogger(__name__).warning("%s is readable by other users; chmod 600 it", path)
+    if not all(33 <= ord(c) < 127 for c in token):
+        raise SystemExit(f"error: the token in {source} must be printable ASCII without spaces")
     return token
 
 
@@ -69,7 +88,11 @@ def add_local_args(parser: argparse.ArgumentParser, modes: list[str]) -> None:
     g.add_argument("--split-after", type=int, default=1, help="last local layer before the cloud")
     g.add_argument("--resume-at", type=int, default=None, help="first local layer after the cloud (default L-2)")
     g.add_argument(
-        "--auth-token-file", type=Path, default=None, help="file holding the cloud's shared secret (first line)"
+        "--auth-token-file",
+        type=Path,
+        default=None,
+        help=f"file holding the cloud's shared secret (first line), sent as 'Authorization: Bearer'; "
+        f"without it, ${TOKEN_ENV} if set",
     )
     g = parser.add_argument_group("decoding (greedy; every mode gives the same tokens)")
     g.add_argument("--mode", choices=modes, default="sequential", help="decoding strategy")

@@ -131,7 +131,7 @@ def decode(data: bytes, *, max_frame_bytes: int = MAX_FRAME_BYTES, replies: bool
 def _parse_header(raw: bytes, replies: bool) -> dict[str, Any]:
     try:
         header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, huge ints
         raise ProtocolError("bad_header", f"header is not UTF-8 JSON ({exc})") from None
     if not isinstance(header, dict):
         raise ProtocolError("bad_header", "header must be a JSON object")

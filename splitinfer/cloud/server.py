@@ -1,7 +1,15 @@
 """The cloud server's sockets: a websockets endpoint for frames and a Flask app for /health.
 
-The WebSocket side is asyncio; compute runs in one worker thread (CloudCore's
-lock serialises it), so the event loop keeps answering other connections.
+The WebSocket side is asyncio; each frame is decoded and computed in a worker
+thread (CloudCore's lock serialises compute), so the event loop keeps accepting
+and answering other connections.  One connection has at most one frame in
+work and a short queue behind it, so a peer that floods competes for the
+compute like any other connection, and its backlog costs bounded memory.
+
+Security (see docs/security.md): with a token, the WebSocket handshake needs
+`Authorization: Bearer <token>` (compared in constant time) or is refused with
+HTTP 401 before any frame is read; /health hides sessions and tensor names
+without it.  Every malformed frame gets a typed error reply, never a traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import http
+import ipaddress
 import itertools
 import logging
 import threading
@@ -40,28 +49,61 @@ class ServerInfo:
 
 
 def _token_ok(header: str | None, token: str | None) -> bool:
+    """Whether an Authorization header carries the token; True when the server has none."""
     if token is None:
         return True
-    expected = f"Bearer {token}".encode()
-    return header is not None and hmac.compare_digest(header.encode(), expected)  # constant time
+    if header is None:
+        return False
+    try:
+        given = header.encode("utf-8", "surrogateescape")  # header bytes as received
+    except UnicodeError:
+        return False
+    # compare_digest takes time independent of where the bytes differ (not of their lengths,
+    # which tell an attacker nothing useful about the token's value).
+    return hmac.compare_digest(given, f"Bearer {token}".encode())
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+# Frames a connection may have received and not yet handled: one in work, one waiting.  Each can be
+# up to max_frame_bytes, so this bounds what one peer can make the server hold.
+MAX_QUEUED_FRAMES = 2
 
 
 class CloudServer:
-    def __init__(self, core: CloudCore, info: ServerInfo, token: str | None = None):
+    def __init__(self, core: CloudCore, info: ServerInfo, token: str | None = None, max_connections: int | None = None):
         self.core, self.info, self.token = core, info, token
+        self.max_connections = max_connections or 4 * core.limits.max_sessions
         self._conn_ids = itertools.count(1)
+        self.connections = 0  # open WebSocket connections (only the event loop changes it)
 
     # -- websocket -----------------------------------------------------------------
 
     def _check_auth(self, connection: ServerConnection, req) -> Any:
+        """websockets' process_request: refuse the handshake (no frame is ever read) unless authorised."""
         if not _token_ok(req.headers.get("Authorization"), self.token):
-            log.warning("refused a WebSocket handshake from %s: missing or wrong token", connection.remote_address)
-            return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token\n")
+            why = "no token" if req.headers.get("Authorization") is None else "a wrong token"
+            log.warning("refused a WebSocket handshake from %s: %s (HTTP 401)", _peer(connection), why)
+            response = connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token\n")
+            response.headers["WWW-Authenticate"] = 'Bearer realm="splitinfer"'
+            return response
+        if self.connections >= self.max_connections:
+            log.warning("refused a WebSocket handshake from %s: %d connections open (HTTP 503)",
+                        _peer(connection), self.connections)
+            return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
         return None
 
     async def _handler(self, ws: ServerConnection) -> None:
         conn = next(self._conn_ids)
-        log.info("connection %d from %s", conn, ws.remote_address)
+        self.connections += 1
+        log.info("connection %d from %s (%d open)", conn, _peer(ws), self.connections)
         try:
             async for message in ws:
                 reply = await asyncio.to_thread(self._reply, conn, message)
@@ -69,26 +111,35 @@ class CloudServer:
         except ConnectionClosed:
             pass
         finally:
-            dropped = self.core.drop_connection(conn)
-            log.info("connection %d closed, %d session(s) dropped", conn, dropped)
+            self.connections -= 1
+            dropped = await asyncio.to_thread(self.core.drop_connection, conn)
+            log.info("connection %d closed (%s), %d session(s) dropped", conn, _close_reason(ws), dropped)
 
     def _reply(self, conn: int, message: bytes | str) -> bytes:
+        """One message -> one reply frame, whatever the message holds; never raises."""
         if isinstance(message, str):
             return protocol.error("bad_frame", "frames are binary messages, not text")
         try:
             frame = protocol.decode(message, max_frame_bytes=self.core.limits.max_frame_bytes)
         except ProtocolError as exc:
             return protocol.error(exc.code, exc.message)
+        except (RecursionError, MemoryError, ValueError, TypeError, OverflowError) as exc:  # JSON nested too deep
+            log.info("connection %d sent an undecodable frame: %s", conn, type(exc).__name__)
+            return protocol.error("bad_header", "the header could not be parsed")
         try:
             return self.core.handle(conn, frame)
         except Exception:  # a bug must not take other sessions down, nor leak a traceback to the peer
             log.exception("internal error on connection %d", conn)
-            return protocol.error("internal", "the server failed on this frame", frame.header.get("step"))
+            step = frame.header.get("step")
+            return protocol.error("internal", "the server failed on this frame", step if isinstance(step, int) else None)
 
     async def _expiry_loop(self) -> None:
         while True:
-            await asyncio.sleep(min(5.0, self.core.limits.idle_seconds / 4))
-            await asyncio.to_thread(self.core.expire)
+            await asyncio.sleep(max(0.05, min(5.0, self.core.limits.idle_seconds / 4)))
+            try:
+                await asyncio.to_thread(self.core.expire)
+            except Exception:  # never let housekeeping die silently and sessions pile up
+                log.exception("expiring sessions failed")
 
     async def serve_ws(self, host: str, port: int, ready: threading.Event | None = None) -> None:
         async with serve(
@@ -96,8 +147,12 @@ class CloudServer:
             host,
             port,
             process_request=self._check_auth,
-            max_size=self.core.limits.max_frame_bytes,  # checked from the frame's length before reading it
+            # The frame's declared length is checked against max_size before its payload is read; a
+            # larger frame closes that connection with 1009 (message too big), and nothing else.
+            max_size=self.core.limits.max_frame_bytes,
+            max_queue=MAX_QUEUED_FRAMES,
             compression=None,  # activations do not compress; deflate would only cost CPU
+            server_header=None,  # no version banner for scanners
         ):
             expiry = asyncio.create_task(self._expiry_loop())
             if ready is not None:
@@ -134,6 +189,13 @@ class CloudServer:
 
     def run(self, host: str, http_port: int, ws_port: int) -> None:
         """Serve both ports until interrupted."""
+        if not is_loopback(host):
+            if self.token is None:
+                log.warning("listening on %s WITHOUT a token: anyone who can reach it can use these layers; "
+                            "give --auth-token-file and put TLS in front (docs/security.md)", host)
+            else:
+                log.warning("listening on %s: frames and the token travel in clear unless TLS is in front "
+                            "(docs/security.md)", host)
         web = make_server(host, http_port, self.health_app(), threaded=True)
         threading.Thread(target=web.serve_forever, name="health", daemon=True).start()
         log.info("cloud server: health on http://%s:%d/health, frames on ws://%s:%d", host, http_port, host, ws_port)
@@ -141,6 +203,19 @@ class CloudServer:
             asyncio.run(self.serve_ws(host, ws_port))
         finally:
             web.shutdown()
+
+
+def _peer(ws: ServerConnection) -> str:
+    try:
+        host, port = ws.remote_address[:2]
+        return f"{host}:{port}"
+    except (TypeError, ValueError, OSError):
+        return "?"
+
+
+def _close_reason(ws: ServerConnection) -> str:
+    code = ws.close_code
+    return "no close frame" if code is None else f"code {code}{' ' + ws.close_reason if ws.close_reason else ''}"
 
 
 def build(
@@ -152,6 +227,7 @@ def build(
     limits,
     ws_port: int,
     token: str | None = None,
+    max_connections: int | None = None,
 ) -> CloudServer:
     """Load the cloud's layers (and nothing else) and wrap them in a server."""
     from ..config import Split
@@ -183,4 +259,4 @@ def build(
         device=device,
         dtype=str(torch_dtype).removeprefix("torch."),
     )
-    return CloudServer(core, info, token)
+    return CloudServer(core, info, token, max_connections)

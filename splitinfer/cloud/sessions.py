@@ -94,7 +94,12 @@ class CloudCore:
                 "op": "opened",
                 "session": sid,
                 "step": frame.header.get("step"),
-                "limits": {"max_context": lim.max_context, "max_step_tokens": lim.max_step_tokens},
+                "limits": {
+                    "max_context": lim.max_context,
+                    "max_step_tokens": lim.max_step_tokens,
+                    "max_frame_bytes": lim.max_frame_bytes,
+                    "idle_seconds": lim.idle_seconds,
+                },
             }
         )
 
