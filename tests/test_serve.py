@@ -25,6 +25,7 @@ import requests
 import torch
 
 from splitinfer.decoding import run
+from splitinfer.decoding.lookahead import Memory
 from splitinfer.decoding.sampling import make_generator, probabilities, sample_token, sampling
 from splitinfer.decoding.sequential import sequential
 from splitinfer.procs import ROOT, cloud_process, free_port, wait_healthy
@@ -274,6 +275,7 @@ def fake_local(eos: frozenset[int] = frozenset(), sharpness: float = 3.0, lm=Non
         model=model,
         models=models,
         split=Split(6, 1, -2),
+        memory=Memory(),
     )
 
 

@@ -141,7 +141,27 @@ def table_side_by_side() -> str:
     return text + _source("wan_side_by_side")
 
 
+def table_step_cost() -> str:
+    d = load("step_cost")["measurements"]
+    rows = []
+    for label, m in d.items():
+        for r in m["steps"]:
+            rows.append([label, str(r["tokens"]), f"{r['total_ms']:.1f}", f"{r['local_ms']:.1f}", f"{r['cloud_ms']:.1f}",
+                         f"{r['serialize_ms']:.2f}"])
+    m = next(iter(d.values()))
+    return (_table(["measurement", "tokens verified (K)", "step ms", "local ms", "cloud ms", "serialisation ms"], rows)
+            + f"\n\n<sub>From `experiment_data/step_cost.json`: `{m['command']}` at {m['commit'][:12]}, {m['date']}.</sub>")
+
+
+def table_inversion() -> str:
+    from ..privacy.report import render as render_inversion
+
+    return render_inversion(load("inversion"))
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
+    "table:inversion": table_inversion,
+    "table:step-cost": table_step_cost,
     "table:overhead": table_overhead,
     "table:ablation": table_ablation,
     "table:identity": table_identity,
