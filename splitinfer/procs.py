@@ -52,16 +52,19 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
 
 
 @contextmanager
-def cloud_process(
+def script_process(
+    script: str,
+    args: list[str],
+    port: int,
     model: Path | None = None,
-    port: int | None = None,
-    extra: list[str] | None = None,
     threads: int | None = None,
+    extra: list[str] | None = None,
     log_file: Path | None = None,
+    wait: bool = True,
+    timeout: float = 180.0,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A real cloud_server_kv.py process on loopback; yields (http url, process) and stops it on exit."""
-    port = port or free_port(pair=True)
-    cmd = [sys.executable, str(ROOT / "cloud_server_kv.py"), "--port", str(port), "--ws-port", str(port + 1)]
+    """One of this repo's server scripts on loopback; yields (http url, process) and stops it on exit."""
+    cmd = [sys.executable, str(ROOT / script), *args]
     if model is not None:
         cmd += ["--model", str(model)]
     if threads:
@@ -71,7 +74,8 @@ def cloud_process(
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if log_file else subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc)
+        if wait:
+            wait_healthy(url, proc, timeout)
         yield url, proc
     finally:
         proc.terminate()
@@ -82,3 +86,18 @@ def cloud_process(
             proc.wait()
         if log_file:
             out.close()
+
+
+@contextmanager
+def cloud_process(
+    model: Path | None = None,
+    port: int | None = None,
+    extra: list[str] | None = None,
+    threads: int | None = None,
+    log_file: Path | None = None,
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A real cloud_server_kv.py process on loopback; yields (http url, process) and stops it on exit."""
+    port = port or free_port(pair=True)
+    args = ["--port", str(port), "--ws-port", str(port + 1)]
+    with script_process("cloud_server_kv.py", args, port, model, threads, extra, log_file) as running:
+        yield running

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..procs import ROOT, free_port, wait_healthy
+from ..procs import free_port, script_process
 
 
 @contextmanager
@@ -28,25 +27,6 @@ def local_server_process(
     then `procs.wait_healthy(url, proc)`: /health answers 200 once the cloud is reachable too).
     """
     port = port or free_port()
-    cmd = [sys.executable, str(ROOT / "jacobi_server.py"), "--cloud", cloud, "--host", "127.0.0.1", "--port", str(port)]
-    if model is not None:
-        cmd += ["--model", str(model)]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    cmd += extra or []
-    out = open(log_file, "ab") if log_file else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if log_file else subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        if wait:
-            wait_healthy(url, proc, timeout)
-        yield url, proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if log_file:
-            out.close()
+    args = ["--cloud", cloud, "--host", "127.0.0.1", "--port", str(port)]
+    with script_process("jacobi_server.py", args, port, model, threads, extra, log_file, wait, timeout) as running:
+        yield running
