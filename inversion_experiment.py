@@ -6,7 +6,7 @@ layers 0..k-1) at several split depths k, with four attackers (the spec's MLP
 classifier, nearest neighbour, ridge + nearest neighbour, and white-box exact
 matching with the public weights), reads the generated tokens from the states
 the cloud returns, and measures defences (Gaussian noise, perturbed local
-layers) with their quality cost.  Writes experiment_data/inversion.json (with
+layers, LoRA-fine-tuned local layers) with their quality cost.  Writes experiment_data/inversion.json (with
 provenance and per-sequence records) and a PNG.  Code: splitinfer/privacy/.
 """
 
@@ -43,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-tokens", type=int, default=None, help=f"training tokens for the learned attackers (default {d.train_tokens})")
     p.add_argument("--noise", type=_floats, default=None, help=f"noise sigmas, relative to RMS (default {d.noise_sigmas})")
     p.add_argument("--perturb", type=_floats, default=None, help=f"perturbation sizes eps (default {d.perturb_eps})")
+    p.add_argument("--finetune", type=_ints, default=None,
+                   help=f"LoRA fine-tune step counts, one defence each; '' for none (default {d.finetune_steps})")
     p.add_argument("--defence-depth", type=int, default=None, help=f"k at which defences are measured (default {d.defence_depth})")
     p.add_argument("--seed", type=int, default=None, help="seed of every RNG (texts, noise, perturbation, training)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (recorded in the JSON)")
@@ -56,7 +58,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def settings_from(args: argparse.Namespace) -> Settings:
     over = {}
     for name, value in (("depths", args.depths), ("n_per_kind", args.n_per_kind), ("train_tokens", args.train_tokens),
-                        ("noise_sigmas", args.noise), ("perturb_eps", args.perturb), ("defence_depth", args.defence_depth),
+                        ("noise_sigmas", args.noise), ("perturb_eps", args.perturb), ("finetune_steps", args.finetune),
+                        ("defence_depth", args.defence_depth),
                         ("seed", args.seed)):
         if value is not None:
             over[name] = value

@@ -11,7 +11,7 @@ import torch
 from splitinfer.privacy import metrics, report
 from splitinfer.privacy.attackers import MLPClassifier, OutputReader, RidgeNN, TableNN, WhiteBox, WhiteBoxConfig
 from splitinfer.privacy.experiment import Settings, run
-from splitinfer.privacy.public import PrefixKV, Public, load_victim, perturb_layers, wire_states
+from splitinfer.privacy.public import LINEAR_NAMES, PrefixKV, Public, load_victim, lora_finetune, perturb_layers, wire_states
 from splitinfer.privacy.wiretap import client_messages, find_id_runs, parse_frames, Capture
 
 from conftest import split_model
@@ -77,6 +77,49 @@ def test_whitebox_is_not_fooled_into_matching_perturbed_weights(tiny_llama, publ
     recovered, info = WhiteBox(public, 2, config=WhiteBoxConfig(use_lm=False, ratio=0.5)).attack(observed)
     assert "match" not in info["verdicts"]
     assert len(recovered) == len(ids)
+
+
+def _finetuned(tiny_llama, steps: int, seed: int = 0):
+    head, tail, _, cloud = load_victim(tiny_llama, 2, with_cloud=True)
+    seqs = [random_ids(32, 96, 200 + i) for i in range(8)]
+    info = lora_finetune(head, cloud, tail, seqs, steps, rank=4, lr=1e-2, batch=4, seq_len=16, seed=seed)
+    return head, info
+
+
+def _head_weights(head) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in head.span.named_parameters() if n.split(".")[-2] in LINEAR_NAMES}
+
+
+def test_lora_finetune_changes_the_head_and_keeps_the_loss(tiny_llama, public):
+    """The trained defence moves every adapted weight, the sent states leave the public head's, and the
+    whole-model loss it trains does not blow up; the public weights themselves are untouched."""
+    torch.set_num_threads(1)
+    head, info = _finetuned(tiny_llama, 15)
+    fresh, _, _ = load_victim(tiny_llama, 2)
+    tuned, public_w = _head_weights(head), _head_weights(fresh)
+    assert tuned and all(not torch.equal(tuned[n], public_w[n]) for n in tuned)
+    assert info["matrices"] == len(tuned) and info["relative_weight_change_mean"] > 0
+    assert info["state_distance_before"] == 0.0 and info["state_distance_after"] > 0.01
+    assert info["ce_after"] <= info["ce_before"] * 1.05
+    ids = random_ids(10, 96, 9)
+    assert not np.array_equal(public.states(ids, [2])[2], wire_states(head, ids))
+
+
+def test_lora_finetune_without_the_push_lowers_the_loss(tiny_llama):
+    head, tail, _, cloud = load_victim(tiny_llama, 2, with_cloud=True)
+    seqs = [random_ids(32, 96, 300 + i) for i in range(8)]
+    info = lora_finetune(head, cloud, tail, seqs, 20, rank=4, lr=1e-2, away_weight=0.0, batch=4, seq_len=16)
+    assert info["ce_after"] < info["ce_before"]
+
+
+def test_lora_finetune_is_deterministic(tiny_llama):
+    a, info_a = _finetuned(tiny_llama, 4, seed=3)
+    b, info_b = _finetuned(tiny_llama, 4, seed=3)
+    c, _ = _finetuned(tiny_llama, 4, seed=4)
+    wa, wb, wc = _head_weights(a), _head_weights(b), _head_weights(c)
+    assert all(torch.equal(wa[n], wb[n]) for n in wa)
+    assert any(not torch.equal(wa[n], wc[n]) for n in wa)
+    assert info_a["ce_after"] == info_b["ce_after"]
 
 
 def test_prefix_cache_adopt_matches_a_fresh_forward(public):
@@ -152,8 +195,14 @@ def test_quick_experiment_end_to_end(tiny_llama, tmp_path):
     wb = [r for r in data["summary"] if r["attacker"] == "whitebox" and r["defence"] == "none" and r["kind"] == "all"]
     assert wb and all(r["token_accuracy"]["mean"] == 1.0 for r in wb)
     assert any(r["direction"] == "output" for r in data["records"])
+    steps = settings.finetune_steps[0]
+    ft = [r for r in data["summary"] if r["defence"] == f"finetune:{steps}" and r["kind"] == "all"]
+    assert {r["attacker"] for r in ft} == set(settings.attackers) | {"output"}
+    assert any(q["defence"] == f"finetune:{steps}" for q in data["quality"])
+    assert data["finetune"][str(steps)]["relative_weight_change_mean"] > 0
+    assert f"attack_finetune_{steps}" in data["seconds"]
     data["command"] = "test"
     json.dumps(data)  # JSON-ready
     text = report.render({**data, "settings": data["settings"]})
-    assert "white-box" in text and "k=2" in text
+    assert "white-box" in text and "k=2" in text and "LoRA-fine-tuned local layers" in text
     assert report.plot(data, tmp_path / "inv.png").stat().st_size > 1000

@@ -25,7 +25,7 @@ from ..models import load_config
 from . import texts as T
 from .attackers import MLPClassifier, MLPRegressor, OutputReader, RidgeNN, TableNN, WhiteBox, WhiteBoxConfig
 from .metrics import pii_recovered, score, summarise
-from .public import DTYPE, Public, TapSpan, load_victim, perturb_layers, wire_states
+from .public import DTYPE, Public, TapSpan, load_victim, lora_finetune, perturb_layers, wire_states
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,15 @@ class Settings:
     noise_sigmas: tuple[float, ...] = (0.05, 0.2, 1.0)  # relative to each sent vector's RMS
     perturb_eps: tuple[float, ...] = (0.03, 0.1, 0.3)  # relative Frobenius change of every local linear map
     perturb_rank: int = 8
+    # A trained defence: the head's layers LoRA-fine-tuned (rank r, merged) on the attackers' training text, one
+    # run per step count; the whole model's next-token loss keeps quality, a capped push of the sent states away
+    # from the public head's makes them differ.  ~3 s a step on one core for the 135M model.
+    finetune_steps: tuple[int, ...] = (60,)
+    finetune_rank: int = 8
+    finetune_lr: float = 1e-3
+    finetune_away: float = 1.0  # weight of the push away from the public head's states (0: quality loss alone)
+    finetune_away_cap: float = 0.5  # per-position relative distance beyond which the push stops
+    finetune_batch: int = 4
     defence_n_per_kind: int = 3
     defence_max_scan: int = 512  # white-box candidates per position when nothing can match exactly
     output_kinds: tuple[str, ...] = ("chat", "prose")
@@ -65,6 +74,7 @@ class Settings:
         """A few minutes on 2 cores: two depths, a handful of short sequences, one level of each defence."""
         base = cls(depths=(1, 2), n_per_kind=3, prose_tokens=20, random_tokens=10, train_tokens=3000,
                    ranker_random_tokens=1500, mlp_epochs=3, mlpreg_epochs=2, noise_sigmas=(0.5,), perturb_eps=(0.1,),
+                   finetune_steps=(3,),
                    defence_n_per_kind=2, defence_max_scan=512, output_n_per_kind=2, output_new_tokens=10, n_boot=300)
         return replace(base, **over)
 
@@ -114,6 +124,17 @@ def _stack(seqs_states: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(seqs_states, axis=0)
 
 
+def finetune_head(model_dir: Path, depth: int, train_seqs: list[list[int]], steps: int, s: Settings) -> tuple[Any, dict]:
+    """(a fresh victim head LoRA-fine-tuned for `steps` on the attackers' training text, its info dict).
+
+    Trained through the public cloud layers and public tail, as the owner of the local layers would."""
+    head, tail, _, cloud = load_victim(model_dir, depth, with_cloud=True)
+    info = lora_finetune(head, cloud, tail, train_seqs, steps, rank=s.finetune_rank, lr=s.finetune_lr,
+                         away_weight=s.finetune_away, away_cap=s.finetune_away_cap, batch=s.finetune_batch,
+                         seq_len=s.train_seq_len, seed=s.seed + 13)
+    return head, info
+
+
 def run(model_dir: Path, settings: Settings, progress: bool = True) -> dict[str, Any]:
     s = settings
     torch.set_num_threads(s.threads)
@@ -133,7 +154,7 @@ def run(model_dir: Path, settings: Settings, progress: bool = True) -> dict[str,
     output_texts = [i for i, t in enumerate(texts)
                     if t.kind in out_kinds and sum(u.kind == t.kind for u in texts[:i]) < s.output_n_per_kind]
     attackers = [a for a in s.attackers if a in INPUT_ATTACKERS]
-    n_def = len(s.noise_sigmas) + len(s.perturb_eps)
+    n_def = len(s.noise_sigmas) + len(s.perturb_eps) + len(s.finetune_steps)
     total = (len(s.depths) * len(attackers) * len(texts) + n_def * len(attackers) * len(defence_texts)
              + (1 + n_def) * len(output_texts))
     bar = Progress(total, progress)
@@ -237,7 +258,7 @@ def run(model_dir: Path, settings: Settings, progress: bool = True) -> dict[str,
         attack_all(k, observed, "none", exact_cfg)
         timings[f"attack_depth_{k}"] = time.perf_counter() - t0
 
-    # ---- defences at one depth: Gaussian noise, perturbed local layers ----
+    # ---- defences at one depth: Gaussian noise, perturbed local layers, LoRA-fine-tuned local layers ----
     d = s.defence_depth
     perturb_info = {}
     for sigma in s.noise_sigmas:
@@ -256,6 +277,18 @@ def run(model_dir: Path, settings: Settings, progress: bool = True) -> dict[str,
         cfg = WhiteBoxConfig(ratio=0.5, max_scan=s.defence_max_scan)
         attack_all(d, observed, f"perturb:{eps:g}", cfg)
         timings[f"attack_perturb_{eps:g}"] = time.perf_counter() - t0
+    finetuned: dict[int, Any] = {}  # steps -> fine-tuned head, reused for the quality measurements
+    finetune_info = {}
+    for steps in s.finetune_steps:
+        bar.phase(f"fine-tuning the local head, {steps} steps")
+        head, finetune_info[str(steps)] = finetune_head(model_dir, d, train_seqs, steps, s)
+        finetuned[steps] = head
+        timings[f"finetune_{steps}"] = finetune_info[str(steps)]["seconds"]
+        observed = {i: wire_states(head, texts[i].ids) for i in defence_texts}
+        t0 = time.perf_counter()
+        cfg = WhiteBoxConfig(ratio=0.5, max_scan=s.defence_max_scan)
+        attack_all(d, observed, f"finetune:{steps}", cfg)
+        timings[f"attack_finetune_{steps}"] = time.perf_counter() - t0
 
     # ---- output direction and the defences' quality cost (greedy agreement, perplexity) ----
     bar.phase("generations: output direction and quality")
@@ -266,6 +299,7 @@ def run(model_dir: Path, settings: Settings, progress: bool = True) -> dict[str,
     configs: list[tuple[str, float, float]] = [("none", 0.0, 0.0)]
     configs += [(f"noise:{x:g}", x, 0.0) for x in s.noise_sigmas]
     configs += [(f"perturb:{x:g}", 0.0, x) for x in s.perturb_eps]
+    configs += [(f"finetune:{x}", 0.0, 0.0) for x in s.finetune_steps]
     quality: list[dict] = []
     baseline: dict[int, list[int]] = {}
     base_nll: float | None = None
@@ -275,6 +309,8 @@ def run(model_dir: Path, settings: Settings, progress: bool = True) -> dict[str,
         if eps:
             head, tail = copy.deepcopy(head0), copy.deepcopy(tail0)
             perturb_layers(list(head.span.layers) + list(tail.span.layers), eps, s.perturb_rank, s.seed + 11)
+        if label.startswith("finetune:"):
+            head = finetuned[int(label.split(":")[1])]  # only the head was fine-tuned; the tail stays public
         agree, identical, gens = [], [], {}
         for j, i in enumerate(output_texts):
             text = texts[i]
@@ -366,9 +402,11 @@ def run(model_dir: Path, settings: Settings, progress: bool = True) -> dict[str,
         "seconds": {k: round(v, 2) for k, v in timings.items()},
         "training": training_info,
         "perturbation": perturb_info,
+        "finetune": finetune_info,
         "whitebox_config": {"no_defence": exact_cfg.as_dict(),
                             "noise": WhiteBoxConfig(min_scan=64, max_scan=s.defence_max_scan).as_dict(),
-                            "perturb": WhiteBoxConfig(ratio=0.5, max_scan=s.defence_max_scan).as_dict()},
+                            "perturb": WhiteBoxConfig(ratio=0.5, max_scan=s.defence_max_scan).as_dict(),
+                            "finetune": WhiteBoxConfig(ratio=0.5, max_scan=s.defence_max_scan).as_dict()},
         "texts": [{"kind": t.kind, "ids": t.ids, "text": t.text, "pii": t.pii} for t in texts],
         "records": records,
         "summary": summary,

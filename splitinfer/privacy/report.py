@@ -42,7 +42,28 @@ def _defence_label(defence: str) -> str:
     if defence == "none":
         return "none"
     kind, value = defence.split(":")
-    return {"noise": f"noise σ={value}×RMS", "perturb": f"perturbed local layers ε={value}"}.get(kind, defence)
+    return {"noise": f"noise σ={value}×RMS", "perturb": f"perturbed local layers ε={value}",
+            "finetune": f"LoRA-fine-tuned local layers, {value} steps"}.get(kind, defence)
+
+
+def _defences(s: dict) -> list[str]:
+    """Defence labels in table order; data from before the fine-tune defence has no finetune_steps."""
+    return (["none"] + [f"noise:{x:g}" for x in s["noise_sigmas"]] + [f"perturb:{x:g}" for x in s["perturb_eps"]]
+            + [f"finetune:{x}" for x in s.get("finetune_steps", [])])
+
+
+def _finetune_note(data: dict) -> str:
+    """One sentence per fine-tune run: its size and what training did (empty for data without one)."""
+    parts = []
+    for steps, f in data.get("finetune", {}).items():
+        parts.append(f"{steps} steps (rank {f['rank']}, lr {f['lr']:g}, batch {f['batch']}×{f['seq_len']} tokens): "
+                     f"local weights moved by {100 * f['relative_weight_change_mean']:.1f}% (mean relative Frobenius), "
+                     f"training-text loss {f['ce_before']:.3f} → {f['ce_after']:.3f}, sent states "
+                     f"{100 * f['state_distance_after']:.1f}% from the public head's, {f['seconds']:.0f} s")
+    if not parts:
+        return ""
+    return (" Fine-tuned heads are LoRA-trained on the attackers' training text (never the held-out text), "
+            "attacked like perturbed weights: " + "; ".join(parts) + ".")
 
 
 def render(data: dict[str, Any]) -> str:
@@ -90,7 +111,7 @@ def render(data: dict[str, Any]) -> str:
     lines.append("")
 
     d = s["defence_depth"]
-    defences = ["none"] + [f"noise:{x:g}" for x in s["noise_sigmas"]] + [f"perturb:{x:g}" for x in s["perturb_eps"]]
+    defences = _defences(s)
     quality = {q["defence"]: q for q in data["quality"]}
     lines.append(f"**Defences at k={d} — input-direction token accuracy % (all kinds) [CI], output-direction "
                  f"accuracy %, and the quality cost**")
@@ -114,7 +135,7 @@ def render(data: dict[str, Any]) -> str:
     note = (f"The no-defence row attacks all {s['n_per_kind']} sequences per kind; defence rows attack the first "
             f"{s['defence_n_per_kind']} per kind. The white-box attacker under noise knows σ and compares at least 64 "
             f"candidates; under perturbed weights it accepts a candidate 2× nearer than the runner-up; in both it scans "
-            f"at most {s['defence_max_scan']} candidates per position.")
+            f"at most {s['defence_max_scan']} candidates per position.") + _finetune_note(data)
     lines.append(note)
     lines.append("")
 
@@ -182,7 +203,7 @@ def plot(data: dict[str, Any], path: Path) -> Path:
     ax = fig.add_subplot(grid[1, :])
     d = s["defence_depth"]
     quality = {q["defence"]: q for q in data["quality"]}
-    defences = ["none"] + [f"noise:{x:g}" for x in s["noise_sigmas"]] + [f"perturb:{x:g}" for x in s["perturb_eps"]]
+    defences = _defences(s)
     series = [("input", a) for a in s["attackers"]] + [("output", "output")]
     width = 0.8 / len(series)
     x = np.arange(len(defences))
@@ -200,7 +221,8 @@ def plot(data: dict[str, Any], path: Path) -> Path:
     for df in defences:
         q = quality.get(df)
         cost = f"\nppl ×{q['perplexity_ratio']:.2f}, greedy agree {100 * q['greedy_token_agreement']:.0f}%" if q else ""
-        labels.append(_defence_label(df).replace("perturbed local layers", "perturbed") + cost)
+        short = _defence_label(df).replace("perturbed local layers", "perturbed").replace("LoRA-fine-tuned local layers,", "LoRA")
+        labels.append(short + cost)
     ax.set_xticks(x, labels, fontsize=7)
     ax.set_ylim(0, 122)
     ax.set_yticks(range(0, 101, 20))
