@@ -33,7 +33,6 @@ experiments: $(STAMP)
 	$(PY) rtt_analysis.py --threads 1 --per-category 1
 	$(PY) benchmarks/wan_side_by_side.py --threads 1 --per-category 2
 	$(PY) benchmarks/split_overhead.py --threads 1 --per-category 1
-	rm -f experiment_data/step_cost.json
 	$(PY) benchmarks/step_cost.py --threads 1 --repeats 8
 	$(PY) inversion_experiment.py --threads 1
 	$(PY) -m splitinfer report README.md paper.md

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     server = build(
         args.model, args.cloud_start, args.cloud_end, args.device, args.dtype, limits, args.ws_port,
-        token, args.max_connections,
+        token, args.max_connections, args.kernels,
     )
     try:
         server.run(args.host, args.port, args.ws_port)

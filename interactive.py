@@ -63,7 +63,7 @@ def stats(g: Generation) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup(args)
-    local = LocalSide(args.model, args.split_after, args.resume_at, args.device, args.dtype)
+    local = LocalSide(args.model, args.split_after, args.resume_at, args.device, args.dtype, args.kernels)
     try:
         if args.prompt is not None:
             g = generate(local, args, local.encode(args.prompt, args.raw), stream=not args.json)

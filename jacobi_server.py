@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.prompt is None and (problem := bind_problem(args.host, args.port)):
         print(f"error: cannot serve on {args.host}:{args.port}: {problem}", file=sys.stderr)
         return 1
-    local = LocalSide(args.model, args.split_after, args.resume_at, args.device, args.dtype)
+    local = LocalSide(args.model, args.split_after, args.resume_at, args.device, args.dtype, args.kernels)
     if args.prompt is not None:
         return one_shot(local, args, token)
 

@@ -28,7 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
     p.add_argument("--ngrams", type=int, nargs="+", default=[3, 4, 5, 6, 7], help="n-gram sizes to sweep")
-    p.add_argument("--main-budget", type=int, default=64, help="tree size of the headline run over the whole prompt set")
+    p.add_argument("--main-budget", type=int, default=96, help="tree size of the headline run over the whole prompt set")
     p.add_argument("--main-per-category", type=int, default=10, help="prompts per category of the headline run")
     p.add_argument("--budgets", type=budget, nargs="+", default=[16, 64, None],
                    help="tree sizes (nodes verified per step) to sweep; 'cost' = chosen by measured cost")

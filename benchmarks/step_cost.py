@@ -3,8 +3,10 @@
 
 For each K the local side sends a K-token block on top of a fixed context and
 rolls it back, many times; the median local, cloud, serialisation and total
-milliseconds are reported.  This is the curve the lookahead budget trades
-against (budget.py).  Measures; asserts nothing.
+milliseconds are reported, once with transformers' own attention and linear
+layers ("torch", before) and once with splitinfer/kernels.py ("auto", after).
+This is the curve the lookahead budget trades against (budget.py).  Measures;
+asserts nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 from pathlib import Path
 
 from splitinfer.cli import add_model_args
+from splitinfer.kernels import KERNELS
 from splitinfer.experiments.record import provenance, write_json
 from splitinfer.experiments.testbed import testbed
 from splitinfer.procs import ROOT
@@ -28,15 +31,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=256, help="tokens already in the cache")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--cloud-threads", type=int, default=1)
-    p.add_argument("--label", default="current", help="name of this measurement in the JSON (e.g. before/after)")
+    p.add_argument(
+        "--compare",
+        choices=KERNELS,
+        nargs="+",
+        default=["torch", "auto"],
+        help="kernels to measure, each with its own cloud process: torch (transformers' sdpa and nn.Linear, "
+        "'before') and auto (splitinfer/kernels.py, 'after'); --kernels is ignored",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "experiment_data" / "step_cost.json")
     return p.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def measure(args: argparse.Namespace, kernels: str) -> tuple[list[dict], Path]:
+    """Median step cost per block size K, with both sides using `kernels`."""
     rows = []
-    with testbed(args.model, cloud_threads=args.cloud_threads, local_threads=args.threads or 1) as bed:
+    with testbed(args.model, cloud_threads=args.cloud_threads, local_threads=args.threads or 1, kernels=kernels) as bed:
         with cloud_session(bed.url) as span:
             lm = bed.local.model(span)
             lm.prefill([(7 * i) % 1000 + 100 for i in range(args.context)])
@@ -59,18 +69,20 @@ def main(argv: list[str] | None = None) -> int:
                     "serialize_ms": statistics.median(t.serialize_ms for t in steps),
                     "network_ms": statistics.median(t.network_ms for t in steps),
                 })
-                print(f"K={k:3d}: {rows[-1]['total_ms']:7.1f} ms (local {rows[-1]['local_ms']:.1f}, cloud {rows[-1]['cloud_ms']:.1f})")
-        model_dir = bed.local.model_dir
-    previous = {}
-    if args.out.is_file():
-        import json
+                r = rows[-1]
+                print(f"{kernels:5s} K={k:3d}: {r['total_ms']:7.1f} ms (local {r['local_ms']:.1f}, cloud {r['cloud_ms']:.1f})")
+        return rows, bed.local.model_dir
 
-        previous = json.loads(args.out.read_text()).get("measurements", {})
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "model")}
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    results, model_dir = {}, None
+    for kernels in args.compare:
+        results[kernels], model_dir = measure(args, kernels)
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "model", "kernels")}
     settings["local_threads"] = args.threads or 1
-    measurement = {**provenance(settings, model_dir), "steps": rows}
-    write_json(args.out, {"measurements": {**previous, args.label: measurement}})
-    print(f"wrote {args.out} ({args.label})")
+    write_json(args.out, {**provenance(settings, model_dir), "kernels": results})
+    print(f"wrote {args.out}")
     return 0
 
 

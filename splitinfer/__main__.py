@@ -31,10 +31,11 @@ def demo(args: argparse.Namespace) -> int:
     from .remote import cloud_session, ws_url
 
     setup(args)
-    local = LocalSide(args.model, device=args.device, dtype=args.dtype)  # prepares the default model if needed
+    # prepares the default model if needed
+    local = LocalSide(args.model, device=args.device, dtype=args.dtype, kernels=args.kernels)
     print(f"starting a cloud server process (layers {local.split.cloud_layers.start}.."
           f"{local.split.cloud_layers.stop - 1}) on loopback ...", file=sys.stderr)
-    with cloud_process(local.model_dir, threads=args.cloud_threads) as (url, _):
+    with cloud_process(local.model_dir, threads=args.cloud_threads, extra=["--kernels", args.kernels]) as (url, _):
         with cloud_session(ws_url(url)) as span:
             print(f"\nprompt: {args.prompt}\n", file=sys.stderr)
             g = local.generate(

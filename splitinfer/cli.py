@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .config import DEFAULT_MODEL_DIR, HTTP_PORT
+from .kernels import KERNELS
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -34,6 +35,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="torch CPU threads for this process (default: torch's own choice); set it when the cloud and "
         "local processes share one machine, and record it with any benchmark figure",
+    )
+    g.add_argument(
+        "--kernels",
+        choices=KERNELS,
+        default="auto",
+        help="auto: attention on grouped key/value heads without copying the cache, and on a CPU in float32 "
+        "linear maps that also keep a oneDNN copy of their weights packed for multi-token blocks, so a token "
+        "tree costs little more than one token (more memory); torch: transformers' own sdpa and nn.Linear",
     )
 
 

@@ -22,6 +22,7 @@ from .decoding.lookahead import Memory
 from .decoding.strategies import STRATEGIES
 from .engine import SplitModel, Span
 from .models import default_device, load_config, resolve_dtype, resolve_model
+from .kernels import use_kernels
 from .parts import describe, load_local
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class LocalSide:
         resume_at: int | None = None,
         device: str | None = None,
         dtype: str | None = None,
+        kernels: str = "auto",
     ):
         self.model_dir = resolve_model(model)
         self.device = device or default_device()
@@ -77,12 +79,13 @@ class LocalSide:
         self.split = Split(num_layers, split_after, -2 if resume_at is None else resume_at)
         self.head, self.tail, self.config, held = load_local(self.model_dir, self.split, self.device, self.dtype)
         self.held = describe(held)
+        self.packed = use_kernels([self.head, self.tail], self.config, kernels, self.device, self.dtype)
         self.eos = self._eos_ids()
         # Lookahead's learned tables and cost model, kept across generations as Token Recycling does.
         # Local only; shared by concurrent requests (their updates are single dict/deque operations).
         self.memory = Memory()
         log.info(
-            "local side: %s, layers %s + %s, %d tensors, %.1fM parameters, %s %s",
+            "local side: %s, layers %s + %s, %d tensors, %.1fM parameters, %s %s, %d linear maps packed",
             self.model_dir,
             list(self.split.head_layers),
             list(self.split.tail_layers),
@@ -90,6 +93,7 @@ class LocalSide:
             self.held["parameters"] / 1e6,
             self.device,
             str(self.dtype).removeprefix("torch."),
+            self.packed,
         )
 
     def _eos_ids(self) -> frozenset[int]:

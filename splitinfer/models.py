@@ -104,7 +104,8 @@ def resolve_model(model: str | Path | None) -> Path:
 def load_config(model_dir: Path) -> PretrainedConfig:
     config = AutoConfig.from_pretrained(model_dir)
     config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    # Explicit masks everywhere: sdpa honours them; flash kernels would not.
+    # Explicit masks everywhere: sdpa honours them; flash kernels would not.  kernels.use_kernels
+    # may switch a side to its own sdpa without the copy of the cache per query head.
     config._attn_implementation = "sdpa"
     return config
 

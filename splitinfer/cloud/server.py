@@ -228,10 +228,12 @@ def build(
     ws_port: int,
     token: str | None = None,
     max_connections: int | None = None,
+    kernels: str = "auto",
 ) -> CloudServer:
     """Load the cloud's layers (and nothing else) and wrap them in a server."""
     from ..config import Split
     from ..models import default_device, load_config, resolve_dtype, resolve_model
+    from ..kernels import use_kernels
     from ..parts import describe, load_cloud
 
     model_dir = resolve_model(model)
@@ -239,9 +241,10 @@ def build(
     torch_dtype = resolve_dtype(dtype, device)
     split = Split.from_cloud_range(load_config(model_dir).num_hidden_layers, cloud_start, cloud_end)
     span, config, held = load_cloud(model_dir, split, device, torch_dtype)
+    packed = use_kernels([span], config, kernels, device, torch_dtype)
     summary = describe(held)
     log.info(
-        "cloud side: %s, layers %d..%d, %d tensors, %.1fM parameters, %s %s",
+        "cloud side: %s, layers %d..%d, %d tensors, %.1fM parameters, %s %s, %d linear maps packed",
         model_dir,
         split.cloud_layers.start,
         split.cloud_layers.stop - 1,
@@ -249,6 +252,7 @@ def build(
         summary["parameters"] / 1e6,
         device,
         str(torch_dtype).removeprefix("torch."),
+        packed,
     )
     core = CloudCore(span, config, device, torch_dtype, limits)
     info = ServerInfo(

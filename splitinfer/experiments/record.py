@@ -9,12 +9,15 @@ import platform
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..procs import ROOT
+
+_STARTED = time.monotonic()  # imported as a script starts: wall_seconds is (almost) the whole run
 
 
 def commit() -> str:
@@ -47,6 +50,7 @@ def provenance(settings: dict[str, Any], model: str | Path) -> dict[str, Any]:
         "commit": commit(),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
+        "wall_seconds": round(time.monotonic() - _STARTED, 1),
     }
 
 

@@ -142,15 +142,17 @@ def table_side_by_side() -> str:
 
 
 def table_step_cost() -> str:
-    d = load("step_cost")["measurements"]
+    d = load("step_cost")
+    before, after = d["kernels"].get("torch"), d["kernels"].get("auto")
     rows = []
-    for label, m in d.items():
-        for r in m["steps"]:
-            rows.append([label, str(r["tokens"]), f"{r['total_ms']:.1f}", f"{r['local_ms']:.1f}", f"{r['cloud_ms']:.1f}",
-                         f"{r['serialize_ms']:.2f}"])
-    m = next(iter(d.values()))
-    return (_table(["measurement", "tokens verified (K)", "step ms", "local ms", "cloud ms", "serialisation ms"], rows)
-            + f"\n\n<sub>From `experiment_data/step_cost.json`: `{m['command']}` at {m['commit'][:12]}, {m['date']}.</sub>")
+    for i, r in enumerate(after or before):
+        b = before[i]["total_ms"] if before else None
+        rows.append([str(r["tokens"]), f"{b:.1f}" if b is not None else "-", f"{r['total_ms']:.1f}" if after else "-",
+                     f"{b / r['total_ms']:.2f}×" if before and after else "-",
+                     f"{r['local_ms']:.1f}", f"{r['cloud_ms']:.1f}", f"{r['serialize_ms']:.2f}"])
+    head = ["tokens verified (K)", "step ms, before (transformers' kernels)", "step ms, after (splitinfer/kernels.py)", "speed-up",
+            "after: local ms", "after: cloud ms", "after: serialisation ms"]
+    return _table(head, rows) + _source("step_cost")
 
 
 def table_inversion() -> str:
@@ -159,7 +161,28 @@ def table_inversion() -> str:
     return render_inversion(load("inversion"))
 
 
+# What `make experiments` writes, in its order.
+REPRODUCED = ("perplexity_comparison", "lookahead_ablation", "rtt_analysis", "wan_side_by_side", "split_overhead",
+              "step_cost", "inversion")
+
+
+def table_reproduce() -> str:
+    rows, total = [], 0.0
+    for name in REPRODUCED:
+        d = load(name)
+        seconds = d.get("wall_seconds")
+        total += seconds or 0.0
+        rows.append([f"`{d['command']}`", f"{seconds / 60:.1f}" if seconds is not None else "not recorded",
+                     d["commit"][:12], d["date"]])
+    rows.append(["**total**", f"{total / 60:.1f}", "", ""])
+    cpu = load(REPRODUCED[0])["machine"]
+    return (_table(["command", "minutes", "commit", "finished"], rows)
+            + f"\n\n<sub>Wall times recorded by each script in `experiment_data/*.json`; machine: "
+              f"{cpu['cpu_count']} CPU cores, {cpu['platform']}, torch {cpu['torch']}.</sub>")
+
+
 BLOCKS: dict[str, Callable[[], str]] = {
+    "table:reproduce": table_reproduce,
     "table:inversion": table_inversion,
     "table:step-cost": table_step_cost,
     "table:overhead": table_overhead,
@@ -174,9 +197,11 @@ BLOCKS: dict[str, Callable[[], str]] = {
 
 
 def _ablation(config: str, key: str, field: str = "tokens_per_step") -> str:
-    for c in load("lookahead_ablation")["configs"]:
-        if c["config"]["name"] == config:
-            return f2(c["summary"][key][field])
+    """`config` "main" is the headline run (the first), whatever its tree size; key "budget" is its size."""
+    configs = load("lookahead_ablation")["configs"]
+    for i, c in enumerate(configs):
+        if c["config"]["name"] == config or (config == "main" and i == 0):
+            return str(c["config"]["max_verify"]) if key == "budget" else f2(c["summary"][key][field])
     raise KeyError(f"no ablation config {config!r}")
 
 

@@ -5,9 +5,9 @@ step records its block size K and its local, serialisation, network and cloud
 milliseconds (`StepTiming`), and every generation its wall time, so the time the
 decoding strategy spends between steps (tree building, bookkeeping) is known too.
 
-Model: per step, time(RTT, K) = RTT + net0 + net1*K + local0 + local1*K
-+ cloud0 + cloud1*K + ser0 + ser1*K + other(mode); tokens per step and the mean
-K of a mode are linear in RTT (the cost-based budget grows the tree as the link
+Model, per mode: time per step(RTT, K) = RTT + net0 + net1*K + local0 +
+local1*K + cloud0 + cloud1*K + ser0 + ser1*K + other; tokens per step and the
+mean K are linear in RTT (the cost-based budget grows the tree as the link
 slows).  Tokens/s = tokens per step / time.  Each term is a least-squares fit
 over steps; the leave-one-RTT-out cross-validation refits everything without
 one RTT and predicts its tokens/s.
@@ -33,16 +33,23 @@ def key(rtt: float) -> str:
 
 
 def measure(bed: Bed, rtts: list[float], modes: list[str], per_category: int, max_new: int, options: dict) -> list[dict]:
-    """One record per (rtt, mode, prompt), with every step's timing."""
+    """One record per (rtt, mode, prompt), with every step's timing.
+
+    Prompt by prompt, every RTT and mode in turn: the machine's speed drifts over a
+    long run (other load, clocks), and interleaving spreads that drift over all RTTs
+    instead of confounding it with one of them.
+    """
     prompts = prompt_sets.load(per_category=per_category)
     encoded = [bed.local.encode(p["prompt"]) for p in prompts]
+    # Each (rtt, mode) learns its own cost model and tables, as a local side on that link would.
+    memories = {(rtt, mode): _fresh_memory(mode) for rtt in rtts for mode in modes}
     records = []
     bar = tqdm(total=len(rtts) * len(modes) * len(prompts), desc="rtt analysis", unit="run")
-    for rtt in rtts:
-        bed.set_rtt(rtt)
-        for mode in modes:
-            memory = _fresh_memory(mode)  # the cost model must learn this link, not the last one
-            for p, ids in zip(prompts, encoded):
+    for p, ids in zip(prompts, encoded):
+        for rtt in rtts:
+            bed.set_rtt(rtt)
+            for mode in modes:
+                memory = memories[(rtt, mode)]
                 extra = {"memory": memory} if memory is not None else {}
                 g = bed.generate(ids, mode, max_new, **options.get(mode, {}), **extra)
                 steps = g.timings
@@ -63,7 +70,7 @@ def measure(bed: Bed, rtts: list[float], modes: list[str], per_category: int, ma
                 )
                 bar.update()
     bar.close()
-    bed.set_rtt(0)
+    bed.stop_wan()
     return records
 
 
@@ -113,15 +120,6 @@ class Decomposition:
     """The fitted model (see the module docstring)."""
 
     def __init__(self, records: list[dict]):
-        steps = [(r["rtt_ms"], t) for r in records for t in r["timings"]]
-        k = np.array([t["tokens"] for _, t in steps], float)
-        rtt = np.array([x for x, _ in steps], float)
-        self.terms = {
-            "network": _line(k, np.array([t["network_ms"] for _, t in steps]) - rtt),
-            "local": _line(k, np.array([_local(t) for _, t in steps])),
-            "cloud": _line(k, np.array([t["cloud_ms"] for _, t in steps])),
-            "serialize": _line(k, np.array([t["serialize_ms"] for _, t in steps])),
-        }
         self.modes: dict[str, dict[str, Any]] = {}
         for mode in sorted({r["mode"] for r in records}):
             sel = [r for r in records if r["mode"] == mode]
@@ -129,30 +127,44 @@ class Decomposition:
             tps = np.array([r["decoded_tokens"] / r["steps"] for r in sel])
             kk = np.array([statistics.mean(t["tokens"] for t in r["timings"]) for r in sel])
             self.modes[mode] = {
+                # Per mode: a step's cost is far from linear in K over 1..64 (a single token uses a
+                # cheaper kernel), so each mode's line is fitted over the block sizes it actually uses.
+                "terms": _terms([(r["rtt_ms"], t) for r in sel for t in r["timings"]]),
                 "tokens_per_step": _line(rtts, tps),
                 "mean_verified": _line(rtts, kk),
                 "other_ms": float(np.mean([r["other_ms_per_step"] for r in sel])),
             }
 
     def step_ms(self, mode: str, rtt: float) -> float:
-        k = _at(self.modes[mode]["mean_verified"], rtt)
-        return rtt + sum(_at(line, k) for line in self.terms.values()) + self.modes[mode]["other_ms"]
+        m = self.modes[mode]
+        k = _at(m["mean_verified"], rtt)
+        return rtt + sum(_at(line, k) for line in m["terms"].values()) + m["other_ms"]
 
     def tokens_per_second(self, mode: str, rtt: float) -> float:
         return _at(self.modes[mode]["tokens_per_step"], rtt) * 1000.0 / self.step_ms(mode, rtt)
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "terms_ms": {name: {"intercept": a, "per_token": b} for name, (a, b) in self.terms.items()},
-            "modes": {
-                m: {
-                    "tokens_per_step": {"intercept": v["tokens_per_step"][0], "per_rtt_ms": v["tokens_per_step"][1]},
-                    "mean_verified": {"intercept": v["mean_verified"][0], "per_rtt_ms": v["mean_verified"][1]},
-                    "other_ms_per_step": v["other_ms"],
-                }
-                for m, v in self.modes.items()
-            },
+            m: {
+                "terms_ms": {name: {"intercept": a, "per_token": b} for name, (a, b) in v["terms"].items()},
+                "tokens_per_step": {"intercept": v["tokens_per_step"][0], "per_rtt_ms": v["tokens_per_step"][1]},
+                "mean_verified": {"intercept": v["mean_verified"][0], "per_rtt_ms": v["mean_verified"][1]},
+                "other_ms_per_step": v["other_ms"],
+            }
+            for m, v in self.modes.items()
         }
+
+
+def _terms(steps: list[tuple[float, dict]]) -> dict[str, tuple[float, float]]:
+    """Each time term as intercept + slope x K, over (rtt, step timing) pairs; network is net of the RTT."""
+    k = np.array([t["tokens"] for _, t in steps], float)
+    rtt = np.array([x for x, _ in steps], float)
+    return {
+        "network": _line(k, np.array([t["network_ms"] for _, t in steps]) - rtt),
+        "local": _line(k, np.array([_local(t) for _, t in steps])),
+        "cloud": _line(k, np.array([t["cloud_ms"] for _, t in steps])),
+        "serialize": _line(k, np.array([t["serialize_ms"] for _, t in steps])),
+    }
 
 
 def _line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

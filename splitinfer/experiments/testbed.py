@@ -2,7 +2,7 @@
 
     with testbed(rtt_ms=80) as bed:
         g = bed.generate(bed.local.encode("Hi"), "lookahead", 64)
-        bed.set_rtt(20)   # restarts only the emulator
+        bed.set_rtt(20)   # a second emulator; set_rtt(80) switches back to the first
 
 The emulator runs as its own process (`python -m splitinfer wan`), so its
 timers do not compete with the local side's Python for the GIL.  With
@@ -33,41 +33,48 @@ class Bed:
     cloud_ws: str  # the real server's WebSocket, before any emulator
     token: str | None = None
     rtt_ms: float = 0.0
-    _wan: subprocess.Popen | None = field(default=None, repr=False)
-    _wan_port: int | None = None
+    # One emulator process per RTT, kept running, so that runs at different RTTs can be
+    # interleaved (machine drift then spreads over all RTTs instead of biasing one).
+    _wans: dict[float, tuple[subprocess.Popen, int]] = field(default_factory=dict, repr=False)
 
     @property
     def url(self) -> str:
-        """Where the local side connects: through the emulator when one runs."""
-        return f"ws://127.0.0.1:{self._wan_port}" if self._wan else self.cloud_ws
+        """Where the local side connects: through the current RTT's emulator, if any."""
+        if self.rtt_ms <= 0:
+            return self.cloud_ws
+        return f"ws://127.0.0.1:{self._wans[self.rtt_ms][1]}"
 
     def set_rtt(self, rtt_ms: float) -> None:
-        self.stop_wan()
-        self.rtt_ms = rtt_ms
-        if rtt_ms <= 0:
+        """Route the next generations through an emulated link of this RTT (0: straight to the cloud)."""
+        self.rtt_ms = float(rtt_ms)
+        if self.rtt_ms <= 0 or self.rtt_ms in self._wans:
             return
         host_port = self.cloud_ws.split("//", 1)[1]
-        self._wan_port = free_port()
-        self._wan = subprocess.Popen(
-            [sys.executable, "-m", "splitinfer", "wan", "--rtt-ms", str(rtt_ms), "-L", f"{self._wan_port}:{host_port}"],
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "splitinfer", "wan", "--rtt-ms", str(rtt_ms), "-L", f"{port}:{host_port}"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
+        self._wans[self.rtt_ms] = (proc, port)
         deadline = time.monotonic() + 30
         while True:  # wait until the emulator accepts connections
             try:
                 with cloud_session(self.url, self.token):
                     return
             except Exception:  # noqa: BLE001 - not up yet; any failure means "try again" until the deadline
-                if time.monotonic() > deadline or self._wan.poll() is not None:
+                if time.monotonic() > deadline or proc.poll() is not None:
                     raise RuntimeError("the WAN emulator did not come up") from None
                 time.sleep(0.2)
 
     def stop_wan(self) -> None:
-        if self._wan is not None:
-            self._wan.terminate()
-            self._wan.wait(timeout=10)
-            self._wan = None
+        """Stop every emulator; the next generations go straight to the cloud."""
+        for proc, _ in self._wans.values():
+            proc.terminate()
+        for proc, _ in self._wans.values():
+            proc.wait(timeout=10)
+        self._wans.clear()
+        self.rtt_ms = 0.0
 
     def generate(self, prompt_ids: list[int], mode: str, max_new: int, **options: Any) -> Generation:
         with cloud_session(self.url, self.token) as span:
@@ -83,12 +90,13 @@ def testbed(
     cloud_threads: int = 1,
     local_threads: int = 1,
     token: str | None = None,
+    kernels: str = "auto",
 ) -> Iterator[Bed]:
     torch.set_num_threads(local_threads)
-    local = LocalSide(model)
+    local = LocalSide(model, kernels=kernels)
     with ExitStack() as stack:
         if cloud is None:
-            http, _ = stack.enter_context(cloud_process(local.model_dir, threads=cloud_threads))
+            http, _ = stack.enter_context(cloud_process(local.model_dir, threads=cloud_threads, extra=["--kernels", kernels]))
         else:
             http = cloud.rstrip("/")
             wait_healthy(http, timeout=30)

@@ -1,0 +1,114 @@
+"""Kernels that keep a token tree nearly as cheap as a single token on a CPU.
+
+Attention: transformers' sdpa path expands the grouped key/value heads to one
+copy per query head (`repeat_kv`, a fresh copy of the whole cache per layer)
+whenever a mask is given and the block has more than one token; on a CPU,
+torch's SDPA takes the grouped heads directly (`enable_gqa`) with our mask.
+
+Linear layers:
+
+A decoding step on a CPU is bound by reading the weights from memory, once per
+step, whatever the block size.  MKL's one-row kernel (GEMV) does just that, but
+its GEMM for a handful of rows (2..16, a token tree) re-reads the weights and
+costs almost twice as much as one row; oneDNN with weights packed ahead of time
+for a small batch stays near the one-row cost up to ~8 rows.  So on a CPU in
+float32 each linear map keeps both: the plain weight for one row and a oneDNN
+copy for blocks.  The price is a second copy of every packed matrix in memory.
+
+Elsewhere (GPU, float16, a torch built without oneDNN) the model's own
+nn.Linear is left alone: `pack_linears` reports 0 modules packed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface, PretrainedConfig
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("auto", "torch")  # --kernels: auto = ours where they help; torch = transformers' own (sdpa, nn.Linear)
+PACK_BATCH = 16  # the block size oneDNN lays the weights out for; measured flat from 2 to 16 rows
+
+
+ATTENTION = "splitinfer_sdpa"  # registered below; use_kernels names it in a side's config
+
+
+def attention(
+    module: nn.Module,
+    query: torch.Tensor,  # [batch, heads, q, head_dim]
+    key: torch.Tensor,  # [batch, kv_heads, past + q, head_dim]
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,  # [1, 1, q, past + q] additive
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:  # [batch, q, heads, head_dim]
+    if query.device.type != "cpu":  # CUDA's fused kernels refuse enable_gqa with a mask: transformers' own path
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    out = F.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION, attention)
+
+
+class PackedLinear(nn.Module):
+    """y = x W^T + b: MKL for one row, oneDNN on prepacked weights for a block of rows."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight = linear.weight  # shared with the original (and with a tied embedding)
+        self.bias = linear.bias
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_BATCH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., rows, in] -> [..., rows, out]
+        if x.shape[-2] == 1:
+            return F.linear(x, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+def packing_works(device: str | torch.device, dtype: torch.dtype) -> bool:
+    """True where packed oneDNN linears run and agree with F.linear (CPU, float32, oneDNN built in)."""
+    if torch.device(device).type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return False
+    probe = nn.Linear(8, 4)
+    x = torch.randn(1, 3, 8)
+    try:
+        with torch.inference_mode():
+            return torch.allclose(PackedLinear(probe)(x), probe(x), atol=1e-5)
+    except RuntimeError as exc:  # e.g. an ARM build whose oneDNN lacks the reorder op
+        log.info("packed linears unavailable: %s", exc)
+        return False
+
+
+def use_kernels(
+    parts: list[nn.Module], config: PretrainedConfig, kernels: str, device: str | torch.device, dtype: torch.dtype
+) -> int:
+    """Switch one side's modules (sharing `config`) to `kernels`; returns how many linear maps were packed."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    config._attn_implementation = ATTENTION if kernels == "auto" else "sdpa"  # read by every attention call
+    return sum(pack_linears(part, kernels, device, dtype) for part in parts)
+
+
+def pack_linears(module: nn.Module, kernels: str, device: str | torch.device, dtype: torch.dtype) -> int:
+    """Replace every nn.Linear under `module` by a PackedLinear where that helps; returns how many."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels == "torch" or not packing_works(device, dtype):
+        return 0
+    count = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.Linear:
+                setattr(parent, name, PackedLinear(child))
+                count += 1
+    return count
