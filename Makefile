@@ -35,7 +35,7 @@ experiments: $(STAMP)
 	$(PY) benchmarks/split_overhead.py --threads 1 --per-category 1
 	$(PY) benchmarks/step_cost.py --threads 1 --repeats 8
 	$(PY) inversion_experiment.py --threads 1
-	$(PY) -m splitinfer report README.md paper.md
+	$(PY) -m splitinfer report README.md paper.md docs/privacy.md
 
 clean:
 	rm -rf $(VENV) models

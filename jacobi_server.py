@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def one_shot(local: LocalSide, args: argparse.Namespace, token: str | None) -> int:
     try:
-        with cloud_session(ws_url(args.cloud, args.cloud_ws), token) as span:
+        with cloud_session(ws_url(args.cloud, args.cloud_ws), token, reconnect_timeout=args.reconnect_timeout) as span:
             g = local.generate(span, local.encode(args.prompt, args.raw), args.max_new_tokens, args.mode)
     except CloudError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         cloud_http_url=args.cloud if "://" in args.cloud else f"http://{args.cloud}",
         model_name=args.served_model_name,
         default_max_tokens=args.max_new_tokens,
+        reconnect_timeout=args.reconnect_timeout,
     )
     try:
         serve(app, args.host, args.port)

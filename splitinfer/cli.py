@@ -11,6 +11,7 @@ import torch
 
 from .config import DEFAULT_MODEL_DIR, HTTP_PORT
 from .kernels import KERNELS
+from .remote import RECONNECT_TIMEOUT_S
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +86,14 @@ def read_token(path: Path | None) -> str | None:
     return token
 
 
+def seconds(text: str) -> float:
+    """An argparse type: a duration in seconds, 0 or more."""
+    value = float(text)
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration in seconds (0 or more)")
+    return value
+
+
 def add_local_args(parser: argparse.ArgumentParser, modes: list[str]) -> None:
     """What every local-side entry takes: where the cloud is, the split, the decoding mode."""
     g = parser.add_argument_group("cloud and split")
@@ -102,6 +111,13 @@ def add_local_args(parser: argparse.ArgumentParser, modes: list[str]) -> None:
         default=None,
         help=f"file holding the cloud's shared secret (first line), sent as 'Authorization: Bearer'; "
         f"without it, ${TOKEN_ENV} if set",
+    )
+    g.add_argument(
+        "--reconnect-timeout",
+        type=seconds,
+        default=RECONNECT_TIMEOUT_S,
+        help="when the cloud connection or session is lost mid-generation, keep reconnecting (and replaying "
+        "the context into a new session) for this many seconds before failing the request; 0: fail at once",
     )
     g = parser.add_argument_group("decoding (greedy; every mode gives the same tokens)")
     g.add_argument("--mode", choices=modes, default="sequential", help="decoding strategy")

@@ -1,4 +1,4 @@
-"""The numbers in README.md and paper.md are the ones in experiment_data/ (never typed by hand)."""
+"""The numbers in README.md, paper.md and docs/privacy.md are the ones in experiment_data/ (never typed by hand)."""
 
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import pytest
 from splitinfer.experiments import report
 from splitinfer.procs import ROOT
 
-DOCS = [ROOT / "README.md", ROOT / "paper.md"]
+DOCS = [ROOT / "README.md", ROOT / "paper.md", ROOT / "docs" / "privacy.md"]
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
@@ -25,3 +25,28 @@ def test_render_replaces_only_marked_text(tmp_path, monkeypatch):
     report.render(doc)
     assert doc.read_text() == "intro 3.14\n<!--BEGIN table:demo-->\n| a |\n|---|\n| 1 |\n<!--END table:demo-->\nend\n"
     assert report.stale(doc) == []
+
+
+def test_commit_is_dirty_for_code_changes_but_not_for_the_experiments_outputs(tmp_path):
+    import subprocess
+
+    from splitinfer.experiments.record import commit
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "experiment_data").mkdir()
+    (tmp_path / "experiment_data" / "a.json").write_text("1")
+    (tmp_path / "README.md").write_text("x")
+    (tmp_path / "code.py").write_text("x = 1")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    head = commit(tmp_path)
+    assert len(head) == 40
+    (tmp_path / "experiment_data" / "a.json").write_text("2")  # an earlier script of the same run wrote this
+    (tmp_path / "README.md").write_text("rendered")
+    assert commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2")
+    assert commit(tmp_path) == head + "+dirty"

@@ -763,3 +763,22 @@ def test_sampling_with_a_seed_repeats(servers):
     assert a.choices[0].message.content == b.choices[0].message.content
     ext = a.model_extra["splitinfer"]
     assert ext["mode"] == "sampling" and ext["tokens_per_step"] == 1.0 and ext["steps"] == a.usage.completion_tokens
+
+
+def test_reconnect_timeout_flag_reaches_every_cloud_session(monkeypatch):
+    import interactive
+    import jacobi_server
+    from splitinfer.remote import RECONNECT_TIMEOUT_S
+    from splitinfer.serve import service as service_module
+
+    assert jacobi_server.parse_args([]).reconnect_timeout == RECONNECT_TIMEOUT_S
+    assert interactive.parse_args(["--reconnect-timeout", "0"]).reconnect_timeout == 0.0
+    for bad in ("-1", "nan", "soon"):
+        with pytest.raises(SystemExit):
+            jacobi_server.parse_args(["--reconnect-timeout", bad])
+    seen = []
+    monkeypatch.setattr(service_module, "cloud_session", lambda url, token, **kw: seen.append(kw))
+    from splitinfer.serve.service import Service
+
+    Service(fake_local(), "ws://127.0.0.1:9", reconnect_timeout=2.5).session()
+    assert seen == [{"reconnect_timeout": 2.5}]

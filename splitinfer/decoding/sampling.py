@@ -1,6 +1,6 @@
 """Sampling: temperature and nucleus (top-p), one token per round trip.
 
-The same generator shape as `sequential` (yields the tokens committed by each
+The loop of `sequential` (`one_by_one`: yields the tokens committed by each
 model call, the prefill's first), but each token is drawn from
 
     p(t) = softmax(logits / temperature)(t), restricted to the nucleus and renormalised,
@@ -26,7 +26,8 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from . import TreeLM, clip
+from . import TreeLM
+from .sequential import one_by_one
 
 
 def make_generator(seed: int | None = None) -> torch.Generator:
@@ -69,17 +70,5 @@ def sampling(
 ) -> Iterator[list[int]]:
     """Sample up to `max_new` tokens (EOS included and ending the run), one per model call."""
     probabilities(torch.zeros(1), temperature, top_p)  # check the parameters before any round trip
-    if max_new < 1:
-        return
     generator = generator if generator is not None else make_generator()
-    token = sample_token(lm.prefill(prompt), temperature, top_p, generator)
-    out, done = clip([token], 0, max_new, eos)
-    yield out
-    produced = 1
-    while not done:
-        logits = lm.forward([token])  # [1, vocab]
-        lm.commit()
-        token = sample_token(logits[-1], temperature, top_p, generator)
-        out, done = clip([token], produced, max_new, eos)
-        produced += 1
-        yield out
+    yield from one_by_one(lm, prompt, max_new, eos, lambda logits: sample_token(logits, temperature, top_p, generator))

@@ -20,11 +20,16 @@ from ..procs import ROOT
 _STARTED = time.monotonic()  # imported as a script starts: wall_seconds is (almost) the whole run
 
 
-def commit() -> str:
-    """HEAD's hash, with '+dirty' when the working tree differs from it."""
+# What the experiments themselves write: a run of several scripts must not call its own results "dirty".
+OUTPUTS = ("experiment_data", "README.md", "paper.md", "docs/privacy.md")
+
+
+def commit(root: Path = ROOT) -> str:
+    """HEAD's hash, with '+dirty' when the code differs from it (the experiments' outputs aside)."""
     try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *(f":!{p}" for p in OUTPUTS)]
+        dirty = subprocess.run(status, cwd=root, capture_output=True, text=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

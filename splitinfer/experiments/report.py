@@ -23,7 +23,7 @@ from ..procs import ROOT
 
 DATA = ROOT / "experiment_data"
 BLOCK = re.compile(r"(<!--BEGIN (?P<name>[\w:.\-]+)-->)(?P<body>.*?)(<!--END (?P=name)-->)", re.S)
-VALUE = re.compile(r"(<!--v:(?P<name>[\w.\-]+)-->)(?P<body>.*?)(<!--/v-->)", re.S)
+VALUE = re.compile(r"(<!--v:(?P<name>[\w.\-:/]+)-->)(?P<body>.*?)(<!--/v-->)", re.S)
 
 
 @lru_cache(maxsize=None)
@@ -45,9 +45,15 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def short(commit: str) -> str:
+    """A 12-character hash, keeping a "+dirty" mark."""
+    head, plus, mark = commit.partition("+")
+    return head[:12] + plus + mark
+
+
 def _source(name: str) -> str:
     d = load(name)
-    return f"\n\n<sub>From `experiment_data/{name}.json`: `{d['command']}` at {d['commit'][:12]}, {d['date']}.</sub>"
+    return f"\n\n<sub>From `experiment_data/{name}.json`: `{d['command']}` at {short(d['commit'])}, {d['date']}.</sub>"
 
 
 # -- blocks -----------------------------------------------------------------------------------
@@ -166,15 +172,19 @@ REPRODUCED = ("perplexity_comparison", "lookahead_ablation", "rtt_analysis", "wa
               "step_cost", "inversion")
 
 
+def reproduce_minutes() -> float:
+    """The wall time of the whole `make experiments` run: the sum of what each script recorded."""
+    return sum(load(name).get("wall_seconds") or 0.0 for name in REPRODUCED) / 60.0
+
+
 def table_reproduce() -> str:
-    rows, total = [], 0.0
+    rows = []
     for name in REPRODUCED:
         d = load(name)
         seconds = d.get("wall_seconds")
-        total += seconds or 0.0
         rows.append([f"`{d['command']}`", f"{seconds / 60:.1f}" if seconds is not None else "not recorded",
-                     d["commit"][:12], d["date"]])
-    rows.append(["**total**", f"{total / 60:.1f}", "", ""])
+                     short(d["commit"]), d["date"]])
+    rows.append(["**total**", f"{reproduce_minutes():.1f}", "", ""])
     cpu = load(REPRODUCED[0])["machine"]
     return (_table(["command", "minutes", "commit", "finished"], rows)
             + f"\n\n<sub>Wall times recorded by each script in `experiment_data/*.json`; machine: "
@@ -206,7 +216,11 @@ def _ablation(config: str, key: str, field: str = "tokens_per_step") -> str:
 
 
 def value(name: str) -> str:
-    """Inline values, by dotted name: file.what[.detail]."""
+    """Inline values, by dotted name: file.what[.detail]; the inversion's by path: inv/what/... ."""
+    if name.startswith("inv/"):
+        from ..privacy.report import value as inversion_value
+
+        return inversion_value(load("inversion"), name.split("/")[1:])
     file, _, what = name.partition(".")
     if file == "ablation":  # ablation.<config name with _ for space>.<category>
         config, _, key = what.rpartition(".")
@@ -231,6 +245,8 @@ def value(name: str) -> str:
         if what == "local_share":
             return pct(d["memory"]["local_share_of_parameters"], 0)
         return f2(d["split" if what == "split_tps" else "full_model"]["tokens_per_second"])
+    if file == "reproduce" and what == "minutes":
+        return f"{reproduce_minutes():.0f}"
     if file == "identity":
         return pct(load("perplexity_comparison")["summary"][what]["exact_sequence_rate"])
     raise KeyError(f"unknown value {name!r}")

@@ -164,6 +164,34 @@ def render(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def value(data: dict[str, Any], parts: list[str]) -> str:
+    """One number for prose, by path (the docs write `<!--v:inv/...-->`):
+
+        acc/<attacker>/<depth>/<defence>/<kind>    token accuracy, "%"; attacker "output" reads answers
+        exact/<attacker>/<depth>/<defence>/<kind>  exact-sequence rate, "%"
+        spt/<attacker>/<depth>/<defence>/<kind>    attacker seconds per token
+        ppl/<defence>, agree/<defence>             quality cost: perplexity ratio, greedy token agreement
+        minutes                                    the run's wall time
+    """
+    what, *key = parts
+    if what == "minutes":
+        return f"{data['seconds']['total'] / 60:.1f}"
+    if what in ("ppl", "agree"):
+        q = next((q for q in data["quality"] if q["defence"] == key[0]), None)
+        if q is None:
+            raise KeyError(f"no quality row for defence {key[0]!r}")
+        return f"×{q['perplexity_ratio']:.2f}" if what == "ppl" else f"{100 * q['greedy_token_agreement']:.0f}%"
+    attacker, depth, defence, kind = key
+    direction = "output" if attacker == "output" else "input"
+    row = _find(data["summary"], direction=direction, attacker=attacker, depth=int(depth), defence=defence, kind=kind)
+    if row is None:
+        raise KeyError(f"no {direction} result for {attacker} at depth {depth}, {defence}, {kind}")
+    if what == "spt":
+        return f"{row['seconds_per_token']:.3f}"
+    metric = {"acc": "token_accuracy", "exact": "exact_sequence_rate"}[what]
+    return f"{100 * row[metric]['mean']:.1f}%"
+
+
 def _resume(data: dict) -> int:
     L = data["settings"]["model_layers"]
     return max(L - 2, data["settings"]["defence_depth"] + 1)

@@ -20,7 +20,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.serving import make_server
 
 from ..local import LocalSide
-from ..remote import CloudError
+from ..remote import RECONNECT_TIMEOUT_S, CloudError
 from . import api
 from .api import APIError, Shapes
 from .service import Job, Service
@@ -50,6 +50,7 @@ def create_app(
     model_name: str | None = None,
     default_max_tokens: int = 128,
     strategy_options: dict[str, Any] | None = None,
+    reconnect_timeout: float | None = RECONNECT_TIMEOUT_S,
 ) -> Flask:
     """An app serving `local` with the cloud at `cloud_ws_url` (sessions opened per request).
 
@@ -66,6 +67,7 @@ def create_app(
         model_name=model_name,
         default_max_tokens=default_max_tokens,
         strategy_options=strategy_options,
+        reconnect_timeout=reconnect_timeout,
     )
     app = Flask("splitinfer.serve")
     app.json.sort_keys = False  # type: ignore[attr-defined]

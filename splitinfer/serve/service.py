@@ -23,7 +23,7 @@ from .. import protocol
 from ..decoding.sampling import make_generator, sampling
 from ..decoding.strategies import STRATEGIES
 from ..local import LocalSide
-from ..remote import CloudConnection, CloudError, RemoteSpan, cloud_session
+from ..remote import RECONNECT_TIMEOUT_S, CloudConnection, CloudError, RemoteSpan, cloud_session
 from .api import APIError, Request
 from .text import TextStream
 
@@ -66,6 +66,7 @@ class Service:
         default_max_tokens: int = 128,
         strategy_options: dict[str, Any] | None = None,
         health_timeout: float = 3.0,
+        reconnect_timeout: float | None = RECONNECT_TIMEOUT_S,
     ):
         if mode not in STRATEGIES:
             raise ValueError(f"unknown decoding mode {mode!r}; known: {', '.join(sorted(STRATEGIES))}")
@@ -75,6 +76,7 @@ class Service:
         self.default_max_tokens = default_max_tokens
         self.strategy_options = dict(strategy_options or {})
         self.health_timeout = health_timeout
+        self.reconnect_timeout = reconnect_timeout  # 0/None: a lost cloud session fails the request at once
         self.context_limit: int | None = getattr(local.config, "max_position_embeddings", None)
         self.vocab_size: int = local.config.vocab_size
         self.created = int(time.time())
@@ -136,7 +138,7 @@ class Service:
 
     def session(self) -> AbstractContextManager[RemoteSpan]:
         """A fresh cloud session (its own WebSocket); raises CloudError when the cloud cannot be reached."""
-        return cloud_session(self.cloud_ws_url, self.token)
+        return cloud_session(self.cloud_ws_url, self.token, reconnect_timeout=self.reconnect_timeout)
 
     def strategy(self, req: Request) -> tuple[str, Callable[..., Iterator[list[int]]]]:
         if req.greedy:
