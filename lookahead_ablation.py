@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from splitinfer.cli import add_model_args
+from splitinfer.cli import add_model_args, add_testbed_args
 from splitinfer.experiments import ablation, prompts
 from splitinfer.experiments.plots import grouped_bars
 from splitinfer.experiments.record import provenance, write_json
@@ -36,8 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per-category", type=int, default=3, help="prompts per category of the sweeps (at most 10)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--rtt-ms", type=float, default=0.0, help="emulated round-trip time to the cloud")
-    p.add_argument("--cloud-threads", type=int, default=1, help="torch threads of the cloud process")
-    p.add_argument("--cloud", default=None, help="measure against this existing cloud server (its HTTP URL)")
+    add_testbed_args(p)
     p.add_argument("--quick", action="store_true", help="a smoke run: n=3,4, budget 8, 1 prompt per category, 16 tokens")
     p.add_argument("--out", type=Path, default=ROOT / "experiment_data" / "lookahead_ablation.json")
     return p.parse_args(argv)

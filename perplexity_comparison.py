@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from splitinfer.cli import add_model_args
+from splitinfer.cli import add_model_args, add_testbed_args
 from splitinfer.experiments import identity
 from splitinfer.experiments.record import provenance, write_json
 from splitinfer.experiments.testbed import testbed
@@ -27,8 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-verify", type=int, default=None, help="lookahead tree size (default: chosen by cost)")
     p.add_argument("--block", type=int, default=8, help="Jacobi block size")
-    p.add_argument("--cloud-threads", type=int, default=1, help="torch threads of the cloud process")
-    p.add_argument("--cloud", default=None, help="measure against this existing cloud server (its HTTP URL)")
+    add_testbed_args(p)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 prompt per category, 16 tokens")
     p.add_argument("--out", type=Path, default=ROOT / "experiment_data" / "perplexity_comparison.json")
     return p.parse_args(argv)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from splitinfer.cli import add_model_args
+from splitinfer.cli import add_model_args, add_testbed_args
 from splitinfer.experiments import rtt
 from splitinfer.experiments.plots import rtt_figure
 from splitinfer.experiments.record import provenance, write_json
@@ -36,8 +36,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per-category", type=int, default=2, help="prompts per category")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-verify", type=int, default=None, help="pin lookahead's tree size (default: chosen by cost)")
-    p.add_argument("--cloud-threads", type=int, default=1, help="torch threads of the cloud process")
-    p.add_argument("--cloud", default=None, help="measure this existing cloud server (HTTP URL) instead of a local one")
+    add_testbed_args(p)
     p.add_argument("--quick", action="store_true", help="smoke run: RTTs 0,40,80, 1 prompt per category, 12 tokens")
     p.add_argument("--out", type=Path, default=ROOT / "experiment_data" / "rtt_analysis.json")
     return p.parse_args(argv)

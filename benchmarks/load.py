@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from splitinfer.cli import add_model_args, read_token
+from splitinfer.cli import add_model_args, add_testbed_args, read_token
 from splitinfer.experiments import prompts as prompt_sets
 from splitinfer.experiments.record import provenance, write_json
 from splitinfer.procs import ROOT, cloud_process
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--soak", type=int, default=200, help="sessions opened and ended in the soak")
     p.add_argument("--soak-threads", type=int, default=4, help="soak sessions in flight at once")
     p.add_argument("--idle-timeout", type=float, default=20.0, help="the cloud's --idle-timeout (the soak waits on it)")
-    p.add_argument("--cloud-threads", type=int, default=1, help="torch threads of the cloud process")
+    add_testbed_args(p, existing_cloud=False)
     p.add_argument("--out", type=Path, default=ROOT / "experiment_data" / "load.json")
     return p.parse_args(argv)
 

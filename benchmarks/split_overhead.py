@@ -21,7 +21,7 @@ import requests
 import torch
 from transformers import AutoModelForCausalLM
 
-from splitinfer.cli import add_model_args
+from splitinfer.cli import add_model_args, add_testbed_args
 from splitinfer.experiments import prompts as prompt_sets
 from splitinfer.experiments.record import peak_rss_mb, provenance, write_json
 from splitinfer.local import LocalSide
@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_args(p)
     p.add_argument("--per-category", type=int, default=2, help="prompts per category")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--cloud-threads", type=int, default=1, help="torch threads of the cloud process")
+    add_testbed_args(p, existing_cloud=False)
     p.add_argument("--out", type=Path, default=ROOT / "experiment_data" / "split_overhead.json")
     p.add_argument("--full-model-memory", action="store_true", help=argparse.SUPPRESS)  # child-process mode
     return p.parse_args(argv)

@@ -16,7 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
-from splitinfer.cli import add_model_args
+from splitinfer.cli import add_model_args, add_testbed_args
 from splitinfer.kernels import KERNELS
 from splitinfer.experiments.record import provenance, write_json
 from splitinfer.experiments.testbed import testbed
@@ -30,7 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--context", type=int, default=256, help="tokens already in the cache")
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--cloud-threads", type=int, default=1)
+    add_testbed_args(p, existing_cloud=False)
     p.add_argument(
         "--compare",
         choices=KERNELS,

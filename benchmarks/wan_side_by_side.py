@@ -12,7 +12,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from splitinfer.cli import add_model_args
+from splitinfer.cli import add_model_args, add_testbed_args
 from splitinfer.decoding.lookahead import Memory
 from splitinfer.experiments import prompts as prompt_sets
 from splitinfer.experiments.record import provenance, write_json
@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per-category", type=int, default=3, help="prompts per category")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-verify", type=int, default=None, help="pin lookahead's tree size (default: chosen by cost)")
-    p.add_argument("--cloud-threads", type=int, default=1)
+    add_testbed_args(p, existing_cloud=False)
     p.add_argument("--out", type=Path, default=ROOT / "experiment_data" / "wan_side_by_side.json")
     return p.parse_args(argv)
 

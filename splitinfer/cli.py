@@ -47,6 +47,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_testbed_args(parser: argparse.ArgumentParser, existing_cloud: bool = True) -> None:
+    """What the experiments take about the cloud they start (or, with --cloud, the one they measure)."""
+    parser.add_argument("--cloud-threads", type=int, default=1, help="torch threads of the cloud process")
+    if existing_cloud:
+        parser.add_argument(
+            "--cloud", default=None, help="measure this existing cloud server (its HTTP URL) instead of starting one"
+        )
+
+
 def setup(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,

@@ -10,6 +10,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 
+def save(fig, path: Path) -> Path:
+    """Lay the figure out, write it as a PNG (creating the folder) and free it."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def grouped_bars(path: Path, title: str, ylabel: str, groups: list[str], series: dict[str, list[float]]) -> Path:
     """One bar per series within each group (e.g. n-gram size within each category)."""
     fig, ax = plt.subplots(figsize=(8, 4.2))
@@ -21,11 +30,7 @@ def grouped_bars(path: Path, title: str, ylabel: str, groups: list[str], series:
     ax.set_title(title)
     ax.legend(fontsize=8, ncols=2)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def rtt_figure(path: Path, measured: dict, model, projections: list[float]) -> Path:
@@ -59,8 +64,4 @@ def rtt_figure(path: Path, measured: dict, model, projections: list[float]) -> P
     right.set_ylabel("share of step time")
     right.set_title("Latency breakdown (mode / RTT ms)")
     right.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -198,11 +198,9 @@ def _resume(data: dict) -> int:
 
 
 def plot(data: dict[str, Any], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    from ..experiments.plots import plt, save
 
     s, summary = data["settings"], data["summary"]
     depths = s["depths"]
@@ -258,11 +256,7 @@ def plot(data: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"defences at k={d}: attack accuracy (all kinds) and quality cost (below each group)")
     ax.legend(fontsize=7, ncol=len(series), loc="upper center")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
