@@ -1,12 +1,13 @@
 # make demo         - start a cloud server on loopback and generate through it (default model)
 # make test         - the test suite (installs everything first)
 # make experiments  - regenerate experiment_data/ and the figures
+# make experiments-gpu - the speed figures again on a GPU in float16, into experiment_data/gpu/
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test experiments clean
+.PHONY: install demo test experiments experiments-gpu clean
 
 install: $(STAMP)
 
@@ -36,6 +37,15 @@ experiments: $(STAMP)
 	$(PY) benchmarks/step_cost.py --threads 1 --repeats 8
 	$(PY) inversion_experiment.py --threads 1
 	$(PY) -m splitinfer report README.md paper.md docs/privacy.md
+
+# On a machine with a GPU (both sides on it, float16), beside the CPU figures above.  No install
+# step: run it with any Python that has the requirements, e.g. `make experiments-gpu PY=python3`.
+GPU_DATA ?= experiment_data/gpu
+experiments-gpu:
+	$(PY) benchmarks/step_cost.py --compare auto --sizes 1 2 4 8 16 32 64 128 --out $(GPU_DATA)/step_cost.json
+	$(PY) perplexity_comparison.py --per-category 1 --out $(GPU_DATA)/perplexity_comparison.json
+	$(PY) benchmarks/wan_side_by_side.py --per-category 2 --out $(GPU_DATA)/wan_side_by_side.json
+	$(PY) rtt_analysis.py --per-category 1 --out $(GPU_DATA)/rtt_analysis.json
 
 clean:
 	rm -rf $(VENV) models

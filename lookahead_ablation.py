@@ -16,7 +16,7 @@ from splitinfer.cli import add_model_args, add_testbed_args
 from splitinfer.experiments import ablation, prompts
 from splitinfer.experiments.plots import grouped_bars
 from splitinfer.experiments.record import provenance, write_json
-from splitinfer.experiments.testbed import testbed
+from splitinfer.experiments.testbed import testbed_for
 from splitinfer.procs import ROOT
 
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         args.ngrams, args.budgets, args.base_budget, args.per_category, args.max_new_tokens = [3, 4], [8], 8, 1, 16
         args.main_budget, args.main_per_category = 8, 1
     cfgs = ablation.configs(args.ngrams, args.budgets, args.base_budget, args.main_budget, args.main_per_category)
-    with testbed(args.model, args.rtt_ms, args.cloud, cloud_threads=args.cloud_threads, local_threads=args.threads or 1) as bed:
+    with testbed_for(args, rtt_ms=args.rtt_ms) as bed:
         data = ablation.run(bed, cfgs, args.per_category, args.max_new_tokens)
         settings = {k: v for k, v in vars(args).items() if k not in ("out", "model")}
         settings.update(local_threads=args.threads or 1, budgets=[b or "cost" for b in args.budgets])

@@ -15,7 +15,7 @@ from pathlib import Path
 from splitinfer.cli import add_model_args, add_testbed_args
 from splitinfer.experiments import identity
 from splitinfer.experiments.record import provenance, write_json
-from splitinfer.experiments.testbed import testbed
+from splitinfer.experiments.testbed import testbed_for
 from splitinfer.procs import ROOT
 
 
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.per_category, args.max_new_tokens = 1, 16
     options = {"jacobi": {"block": args.block}, "lookahead": {"max_verify": args.max_verify}}
-    with testbed(args.model, cloud=args.cloud, cloud_threads=args.cloud_threads, local_threads=args.threads or 1) as bed:
+    with testbed_for(args) as bed:
         data = identity.run(bed, args.modes, args.per_category, args.max_new_tokens, options)
         settings = {k: v for k, v in vars(args).items() if k not in ("out", "model")}
         settings["local_threads"] = args.threads or 1

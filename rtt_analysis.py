@@ -19,7 +19,7 @@ from splitinfer.cli import add_model_args, add_testbed_args
 from splitinfer.experiments import rtt
 from splitinfer.experiments.plots import rtt_figure
 from splitinfer.experiments.record import provenance, write_json
-from splitinfer.experiments.testbed import testbed
+from splitinfer.experiments.testbed import testbed_for
 from splitinfer.procs import ROOT
 
 
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cloud and any(args.rtts):
         print("note: with --cloud the emulator adds these RTTs on top of the real link's")
     options = {"lookahead": {"max_verify": args.max_verify}}
-    with testbed(args.model, cloud=args.cloud, cloud_threads=args.cloud_threads, local_threads=args.threads or 1) as bed:
+    with testbed_for(args) as bed:
         records = rtt.measure(bed, args.rtts, args.modes, args.per_category, args.max_new_tokens, options)
         model_dir = bed.local.model_dir
     measured = rtt.aggregate(records)

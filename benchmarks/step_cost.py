@@ -19,7 +19,7 @@ from pathlib import Path
 from splitinfer.cli import add_model_args, add_testbed_args
 from splitinfer.kernels import KERNELS
 from splitinfer.experiments.record import provenance, write_json
-from splitinfer.experiments.testbed import testbed
+from splitinfer.experiments.testbed import testbed_for
 from splitinfer.procs import ROOT
 from splitinfer.remote import cloud_session
 
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def measure(args: argparse.Namespace, kernels: str) -> tuple[list[dict], Path]:
     """Median step cost per block size K, with both sides using `kernels`."""
     rows = []
-    with testbed(args.model, cloud_threads=args.cloud_threads, local_threads=args.threads or 1, kernels=kernels) as bed:
+    with testbed_for(args, kernels=kernels) as bed:
         with cloud_session(bed.url) as span:
             lm = bed.local.model(span)
             lm.prefill([(7 * i) % 1000 + 100 for i in range(args.context)])

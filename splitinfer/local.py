@@ -79,6 +79,7 @@ class LocalSide:
         self.split = Split(num_layers, split_after, -2 if resume_at is None else resume_at)
         self.head, self.tail, self.config, held = load_local(self.model_dir, self.split, self.device, self.dtype)
         self.held = describe(held)
+        self.kernels = kernels
         self.packed = use_kernels([self.head, self.tail], self.config, kernels, self.device, self.dtype)
         self.eos = self._eos_ids()
         # Lookahead's learned tables and cost model, kept across generations as Token Recycling does.
@@ -95,6 +96,11 @@ class LocalSide:
             str(self.dtype).removeprefix("torch."),
             self.packed,
         )
+
+    def cloud_args(self) -> list[str]:
+        """cloud_server_kv.py arguments for a cloud started beside this side: same device kind, dtype, kernels."""
+        device = "cuda" if self.device.startswith("cuda") else self.device
+        return ["--device", device, "--dtype", str(self.dtype).removeprefix("torch."), "--kernels", self.kernels]
 
     def _eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()

@@ -47,11 +47,13 @@ def gguf_path() -> Path:
     )
 
 
-def prepare_default_model(out: Path) -> Path:
-    """Convert the embedded GGUF into an ordinary safetensors model directory (once, ~40 s)."""
+def prepare_default_model(out: Path, gguf: Path | None = None) -> Path:
+    """Convert the embedded GGUF (or `gguf`) into an ordinary safetensors model directory (once, ~40 s)."""
     from transformers import AutoTokenizer
 
-    src = gguf_path()
+    src = gguf_path() if gguf is None else gguf
+    if not src.is_file():
+        raise ModelError(f"{src}: no such GGUF file")
     log.warning("preparing the default model: %s -> %s (one-off, about 40 s)", src.name, out)
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)

@@ -22,15 +22,17 @@ REFERENCE = "hf_generate"
 
 
 class FullModel:
-    """The whole model in this process: reference greedy generation and scoring."""
+    """The whole model in this process: reference greedy generation and scoring, on the split's device and
+    in its dtype, so that the reference differs from the split by the float16 wire alone."""
 
-    def __init__(self, model_dir):
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    def __init__(self, model_dir, device: str = "cpu", dtype: torch.dtype = torch.float32):
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        self.device = device
 
     @torch.inference_mode()
     def greedy(self, prompt: list[int], max_new: int, eos: frozenset[int]) -> list[int]:
         out = self.model.generate(
-            torch.tensor([prompt]), max_new_tokens=max_new, do_sample=False,
+            torch.tensor([prompt], device=self.device), max_new_tokens=max_new, do_sample=False,
             eos_token_id=sorted(eos) or None, pad_token_id=sorted(eos)[0] if eos else 0,
         )
         return out[0, len(prompt):].tolist()
@@ -38,14 +40,14 @@ class FullModel:
     @torch.inference_mode()
     def logits(self, prompt: list[int], output: list[int]) -> torch.Tensor:
         """Logits [len(output), vocab] predicting each output token."""
-        ids = torch.tensor([prompt + output])
+        ids = torch.tensor([prompt + output], device=self.device)
         return self.model(ids).logits[0, len(prompt) - 1 : -1].float()
 
     def perplexity(self, prompt: list[int], output: list[int]) -> float:
         if not output:
             return float("nan")
         logp = torch.log_softmax(self.logits(prompt, output), -1)
-        nll = -logp[torch.arange(len(output)), torch.tensor(output)].mean().item()
+        nll = -logp[torch.arange(len(output), device=self.device), torch.tensor(output, device=self.device)].mean().item()
         return math.exp(nll)
 
     def margin(self, prompt: list[int], output: list[int], position: int) -> float:
@@ -64,7 +66,7 @@ def compare(ref: list[int], out: list[int]) -> dict[str, Any]:
 
 
 def run(bed: Bed, modes: list[str], per_category: int, max_new: int, options: dict[str, dict]) -> dict[str, Any]:
-    full = FullModel(bed.local.model_dir)
+    full = FullModel(bed.local.model_dir, bed.local.device, bed.local.dtype)
     eos = bed.local.eos
     prompts = prompt_sets.load(per_category=per_category)
     rows = []

@@ -11,10 +11,11 @@ timers do not compete with the local side's Python for the GIL.  With
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -91,12 +92,15 @@ def testbed(
     local_threads: int = 1,
     token: str | None = None,
     kernels: str = "auto",
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> Iterator[Bed]:
+    """The cloud process it starts computes on the local side's device kind, in its dtype, with its kernels."""
     torch.set_num_threads(local_threads)
-    local = LocalSide(model, kernels=kernels)
+    local = LocalSide(model, device=device, dtype=dtype, kernels=kernels)
     with ExitStack() as stack:
         if cloud is None:
-            http, _ = stack.enter_context(cloud_process(local.model_dir, threads=cloud_threads, extra=["--kernels", kernels]))
+            http, _ = stack.enter_context(cloud_process(local.model_dir, threads=cloud_threads, extra=local.cloud_args()))
         else:
             http = cloud.rstrip("/")
             wait_healthy(http, timeout=30)
@@ -104,3 +108,16 @@ def testbed(
         stack.callback(bed.stop_wan)
         bed.set_rtt(rtt_ms)
         yield bed
+
+
+def testbed_for(args: argparse.Namespace, **overrides: Any) -> AbstractContextManager[Bed]:
+    """testbed() with what an experiment's command line says (cli.add_model_args, add_testbed_args)."""
+    options: dict[str, Any] = {
+        "cloud": getattr(args, "cloud", None),
+        "cloud_threads": args.cloud_threads,
+        "local_threads": args.threads or 1,
+        "kernels": args.kernels,
+        "device": args.device,
+        "dtype": args.dtype,
+    }
+    return testbed(args.model, **{**options, **overrides})
