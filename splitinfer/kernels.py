@@ -8,12 +8,16 @@ torch's SDPA takes the grouped heads directly (`enable_gqa`) with our mask.
 Linear layers:
 
 A decoding step on a CPU is bound by reading the weights from memory, once per
-step, whatever the block size.  MKL's one-row kernel (GEMV) does just that, but
-its GEMM for a handful of rows (2..16, a token tree) re-reads the weights and
-costs almost twice as much as one row; oneDNN with weights packed ahead of time
-for a small batch stays near the one-row cost up to ~8 rows.  So on a CPU in
-float32 each linear map keeps both: the plain weight for one row and a oneDNN
-copy for blocks.  The price is a second copy of every packed matrix in memory.
+step, whatever the block size.  MKL's GEMM for a handful of rows (2..16, a
+token tree) re-reads the weights and costs almost twice as much as one row, and
+its one-row kernel (GEMV) does not use a second thread; oneDNN with weights
+packed ahead of time for a small batch stays near the one-row cost up to ~8
+rows and spreads every block, one row included, over the threads (the LM head,
+one row, 2 threads: 9.5 ms against MKL's 17).  So on a CPU in float32 each
+linear map keeps a oneDNN copy of its weight and uses it for every block but a
+single row on a single thread, where the GEMV is faster (118 against 132 ms for
+a whole one-token step; with 2 threads 109 against 85).  The price is a second copy of every packed matrix in memory (the plain weight stays
+for a tied embedding and for anything that reads `.weight`).
 
 Elsewhere (GPU, float16, a torch built without oneDNN) the model's own
 nn.Linear is left alone: `pack_linears` reports 0 modules packed.
@@ -26,6 +30,7 @@ import logging
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -36,6 +41,7 @@ PACK_BATCH = 16  # the block size oneDNN lays the weights out for; measured flat
 
 
 ATTENTION = "splitinfer_sdpa"  # registered below; use_kernels names it in a side's config
+GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN
 
 
 def attention(
@@ -49,7 +55,11 @@ def attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:  # [batch, q, heads, head_dim]
     if query.device.type != "cpu":  # CUDA's fused kernels refuse enable_gqa with a mask: transformers' own path
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        # ...but not through cuDNN's attention, which torch tries first for a masked block on recent GPUs:
+        # profiled on an H200 (benchmarks/profile_step.py), it spent 1.45 ms of host time per call, 43 of
+        # a 64 ms 2-token step over 30 layers, against 16 ms for one token.
+        with sdpa_kernel(GPU_ATTENTION):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1],
@@ -61,7 +71,7 @@ AttentionInterface.register(ATTENTION, attention)
 
 
 class PackedLinear(nn.Module):
-    """y = x W^T + b: MKL for one row, oneDNN on prepacked weights for a block of rows."""
+    """y = x W^T + b by oneDNN on weights prepacked for blocks of up to PACK_BATCH rows."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
@@ -70,7 +80,7 @@ class PackedLinear(nn.Module):
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_BATCH)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., rows, in] -> [..., rows, out]
-        if x.shape[-2] == 1:
+        if x.shape[-2] == 1 and torch.get_num_threads() == 1:  # one row on one thread: MKL's GEMV is faster
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 

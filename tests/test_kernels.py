@@ -50,7 +50,7 @@ def test_pack_linears_leaves_the_model_alone_where_packing_does_not_apply():
 
 @needs_onednn
 def test_packed_split_model_decodes_the_same_tokens(tiny_model):
-    """Sequential (one row: MKL) and lookahead trees (blocks: oneDNN) agree with the unpacked model."""
+    """Sequential (one row) and lookahead trees (blocks), all through oneDNN, agree with the unpacked model."""
     split = Split(load_config(tiny_model).num_hidden_layers)
 
     def build(kind: str) -> SplitModel:
@@ -82,6 +82,26 @@ def test_grouped_attention_equals_transformers_sdpa_with_a_tree_mask():
     theirs, _ = sdpa_attention_forward(Attn(), query, key, value, mask, scaling=0.25)
     assert ours.shape == (1, q, 9, 16)
     torch.testing.assert_close(ours, theirs)
+
+
+def test_off_cpu_attention_goes_through_transformers_sdpa_without_cudnn(monkeypatch):
+    """A GPU cannot be had here: meta tensors take the same branch, and the backends it allows are recorded."""
+    seen = []
+
+    def record(module, query, key, value, mask, dropout, scaling, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return sdpa_attention_forward(module, query, key, value, mask, dropout, scaling, **kwargs)
+
+    monkeypatch.setattr(kernels, "sdpa_attention_forward", record)
+
+    class Attn(nn.Module):
+        num_key_value_groups = 3
+        is_causal = True
+
+    query, key = torch.randn(1, 9, 4, 64, device="meta"), torch.randn(1, 3, 10, 64, device="meta")
+    out, _ = kernels.attention(Attn(), query, key, key, torch.zeros(1, 1, 4, 10, device="meta"), scaling=0.125)
+    assert out.shape == (1, 4, 9, 64) and seen == [False]
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # restored afterwards
 
 
 def test_use_kernels_switches_attention_and_linears(tiny_llama):
