@@ -35,7 +35,7 @@ SIDES := --threads $(THREADS) --cloud-threads $(THREADS)
 experiments: $(STAMP)
 	$(PY) perplexity_comparison.py $(SIDES) --per-category 5
 	$(PY) lookahead_ablation.py $(SIDES) --per-category 2
-	$(PY) rtt_analysis.py $(SIDES) --per-category 1
+	$(PY) rtt_analysis.py $(SIDES) --per-category 2
 	$(PY) benchmarks/wan_side_by_side.py $(SIDES) --per-category 2
 	$(PY) benchmarks/split_overhead.py $(SIDES) --per-category 1
 	$(PY) benchmarks/step_cost.py $(SIDES) --repeats 8
@@ -50,6 +50,9 @@ experiments-gpu:
 	$(PY) perplexity_comparison.py --per-category 1 --out $(GPU_DATA)/perplexity_comparison.json
 	$(PY) benchmarks/wan_side_by_side.py --per-category 2 --out $(GPU_DATA)/wan_side_by_side.json
 	$(PY) rtt_analysis.py --per-category 1 --out $(GPU_DATA)/rtt_analysis.json
+	# As deployed: the local side on the CPU (float32), the cloud on the GPU.
+	$(PY) benchmarks/wan_side_by_side.py --device cpu --threads 4 --cloud-device cuda --per-category 2 \
+		--out $(GPU_DATA)/wan_side_by_side_cpu_local.json
 
 clean:
 	rm -rf $(VENV) models

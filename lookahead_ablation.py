@@ -16,7 +16,7 @@ from splitinfer.cli import add_model_args, add_testbed_args
 from splitinfer.experiments import ablation, prompts
 from splitinfer.experiments.plots import grouped_bars
 from splitinfer.experiments.record import provenance, write_json
-from splitinfer.experiments.testbed import testbed_for
+from splitinfer.experiments.testbed import settings, testbed_for
 from splitinfer.procs import ROOT
 
 
@@ -50,9 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     cfgs = ablation.configs(args.ngrams, args.budgets, args.base_budget, args.main_budget, args.main_per_category)
     with testbed_for(args, rtt_ms=args.rtt_ms) as bed:
         data = ablation.run(bed, cfgs, args.per_category, args.max_new_tokens)
-        settings = {k: v for k, v in vars(args).items() if k not in ("out", "model")}
-        settings.update(local_threads=args.threads or 1, budgets=[b or "cost" for b in args.budgets])
-        result = {**provenance(settings, bed.local.model_dir), **data}
+        run = settings(args, bed.local) | {"budgets": [b or "cost" for b in args.budgets]}
+        result = {**provenance(run, bed.local.model_dir), **data}
     write_json(args.out, result)
     cats = ["all", *prompts.CATEGORIES]
     series = {c["config"]["name"]: [c["summary"].get(k, {}).get("tokens_per_step", 0.0) for k in cats] for c in data["configs"]}

@@ -15,7 +15,7 @@ from pathlib import Path
 from splitinfer.cli import add_model_args, add_testbed_args
 from splitinfer.experiments import identity
 from splitinfer.experiments.record import provenance, write_json
-from splitinfer.experiments.testbed import testbed_for
+from splitinfer.experiments.testbed import settings, testbed_for
 from splitinfer.procs import ROOT
 
 
@@ -40,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     options = {"jacobi": {"block": args.block}, "lookahead": {"max_verify": args.max_verify}}
     with testbed_for(args) as bed:
         data = identity.run(bed, args.modes, args.per_category, args.max_new_tokens, options)
-        settings = {k: v for k, v in vars(args).items() if k not in ("out", "model")}
-        settings["local_threads"] = args.threads or 1
-        write_json(args.out, {**provenance(settings, bed.local.model_dir), **data})
+        write_json(args.out, {**provenance(settings(args, bed.local), bed.local.model_dir), **data})
     for key, s in data["summary"].items():
         print(f"{key:>24}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
     print(f"wrote {args.out}")

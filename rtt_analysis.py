@@ -19,7 +19,7 @@ from splitinfer.cli import add_model_args, add_testbed_args
 from splitinfer.experiments import rtt
 from splitinfer.experiments.plots import rtt_figure
 from splitinfer.experiments.record import provenance, write_json
-from splitinfer.experiments.testbed import testbed_for
+from splitinfer.experiments.testbed import settings, testbed_for
 from splitinfer.procs import ROOT
 
 
@@ -51,14 +51,12 @@ def main(argv: list[str] | None = None) -> int:
     options = {"lookahead": {"max_verify": args.max_verify}}
     with testbed_for(args) as bed:
         records = rtt.measure(bed, args.rtts, args.modes, args.per_category, args.max_new_tokens, options)
-        model_dir = bed.local.model_dir
+        local = bed.local
     measured = rtt.aggregate(records)
     model = rtt.Decomposition(records)
     cv = rtt.cross_validate(records, measured) if len(args.rtts) > 2 else None
     projection = {m: {rtt.key(x): model.tokens_per_second(m, x) for x in args.project} for m in args.modes}
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "model")}
-    settings["local_threads"] = args.threads or 1
-    write_json(args.out, {**provenance(settings, model_dir), "measured": measured, "model": model.as_dict(),
+    write_json(args.out, {**provenance(settings(args, local), local.model_dir), "measured": measured, "model": model.as_dict(),
                           "cross_validation": cv, "projection": projection, "runs": records})
     rtt_figure(args.out.with_suffix(".png"), measured, model, args.project)
     for mode in args.modes:

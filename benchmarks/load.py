@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--soak", type=int, default=200, help="sessions opened and ended in the soak")
     p.add_argument("--soak-threads", type=int, default=4, help="soak sessions in flight at once")
     p.add_argument("--idle-timeout", type=float, default=20.0, help="the cloud's --idle-timeout (the soak waits on it)")
-    add_testbed_args(p, existing_cloud=False)
+    add_testbed_args(p, existing_cloud=False, cloud_device=False)
     p.add_argument("--out", type=Path, default=ROOT / "experiment_data" / "load.json")
     return p.parse_args(argv)
 

@@ -11,7 +11,6 @@ on the weights' values.  Measures; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -24,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from splitinfer.cli import add_model_args, setup
 from splitinfer.config import Split
 from splitinfer.engine import InProcessSpan, SplitModel
+from splitinfer.experiments.record import provenance, write_json
 from splitinfer.kernels import use_kernels
 from splitinfer.models import default_device, load_config, resolve_dtype, resolve_model
 from splitinfer.parts import load_cloud, load_local
@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             for row in r["top_ops"]:
                 print(f"  {row['host_ms']:8.2f} ms host {row['device_ms']:8.2f} ms device {row['calls']:5d}x  {row['op']}")
     if args.out:
-        args.out.write_text(json.dumps({"device": device, "dtype": str(dtype), "sizes": results}, indent=1) + "\n")
+        run = {k: v for k, v in vars(args).items() if k not in ("out", "model")}
+        run.update(local_threads=torch.get_num_threads(), device=device, dtype=str(dtype).removeprefix("torch."))
+        write_json(args.out, {**provenance(run, args.model or model_dir), "sizes": results})
     return 0
 
 

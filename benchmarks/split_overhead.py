@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_args(p)
     p.add_argument("--per-category", type=int, default=2, help="prompts per category")
     p.add_argument("--max-new-tokens", type=int, default=64)
-    add_testbed_args(p, existing_cloud=False)
+    add_testbed_args(p, existing_cloud=False, cloud_device=False)  # a CPU float32 measurement by design
     p.add_argument("--out", type=Path, default=ROOT / "experiment_data" / "split_overhead.json")
     p.add_argument("--full-model-memory", action="store_true", help=argparse.SUPPRESS)  # child-process mode
     return p.parse_args(argv)

@@ -19,7 +19,8 @@ from pathlib import Path
 from splitinfer.cli import add_model_args, add_testbed_args
 from splitinfer.kernels import KERNELS
 from splitinfer.experiments.record import provenance, write_json
-from splitinfer.experiments.testbed import testbed_for
+from splitinfer.experiments.testbed import settings, testbed_for
+from splitinfer.local import LocalSide
 from splitinfer.procs import ROOT
 from splitinfer.remote import cloud_session
 
@@ -43,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def measure(args: argparse.Namespace, kernels: str) -> tuple[list[dict], Path]:
+def measure(args: argparse.Namespace, kernels: str) -> tuple[list[dict], LocalSide]:
     """Median step cost per block size K, with both sides using `kernels`."""
     rows = []
     with testbed_for(args, kernels=kernels) as bed:
@@ -71,17 +72,16 @@ def measure(args: argparse.Namespace, kernels: str) -> tuple[list[dict], Path]:
                 })
                 r = rows[-1]
                 print(f"{kernels:5s} K={k:3d}: {r['total_ms']:7.1f} ms (local {r['local_ms']:.1f}, cloud {r['cloud_ms']:.1f})")
-        return rows, bed.local.model_dir
+        return rows, bed.local
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    results, model_dir = {}, None
+    results = {}
     for kernels in args.compare:
-        results[kernels], model_dir = measure(args, kernels)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "model", "kernels")}
-    settings["local_threads"] = args.threads or 1
-    write_json(args.out, {**provenance(settings, model_dir), "kernels": results})
+        results[kernels], local = measure(args, kernels)
+    run = settings(args, local, drop=("out", "model", "kernels"))
+    write_json(args.out, {**provenance(run, local.model_dir), "kernels": results})
     print(f"wrote {args.out}")
     return 0
 

@@ -47,9 +47,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def add_testbed_args(parser: argparse.ArgumentParser, existing_cloud: bool = True) -> None:
+def add_testbed_args(parser: argparse.ArgumentParser, existing_cloud: bool = True, cloud_device: bool = True) -> None:
     """What the experiments take about the cloud they start (or, with --cloud, the one they measure)."""
     parser.add_argument("--cloud-threads", type=int, default=1, help="torch threads of the cloud process")
+    if cloud_device:
+        parser.add_argument(
+            "--cloud-device",
+            default=None,
+            help="device of the cloud process it starts (default: the local side's --device); e.g. --device cpu "
+            "--cloud-device cuda measures a CPU local side against a GPU cloud, as deployed",
+        )
     if existing_cloud:
         parser.add_argument(
             "--cloud", default=None, help="measure this existing cloud server (its HTTP URL) instead of starting one"

@@ -97,8 +97,11 @@ class LocalSide:
             self.packed,
         )
 
-    def cloud_args(self) -> list[str]:
-        """cloud_server_kv.py arguments for a cloud started beside this side: same device kind, dtype, kernels."""
+    def cloud_args(self, device: str | None = None) -> list[str]:
+        """cloud_server_kv.py arguments for a cloud started beside this side: its device kind, dtype and kernels,
+        or another device (a GPU cloud for a CPU local side, as deployed), with that device's default dtype."""
+        if device is not None:
+            return ["--device", device, "--kernels", self.kernels]
         device = "cuda" if self.device.startswith("cuda") else self.device
         return ["--device", device, "--dtype", str(self.dtype).removeprefix("torch."), "--kernels", self.kernels]
 

@@ -161,6 +161,31 @@ def table_step_cost() -> str:
     return _table(head, rows) + _source("step_cost")
 
 
+def table_gpu() -> str:
+    """The speed figures from `make experiments-gpu` (experiment_data/gpu/), beside the CPU ones."""
+    from ..models import resolve_dtype
+
+    steps, sbs, ident = load("gpu/step_cost"), load("gpu/wan_side_by_side"), load("gpu/perplexity_comparison")
+    gpu = steps["machine"]["cuda"]
+    dtype = str(resolve_dtype(steps["settings"].get("dtype"), "cuda")).removeprefix("torch.")
+    rows = [[str(r["tokens"]), f"{r['total_ms']:.1f}", f"{r['local_ms']:.1f}", f"{r['cloud_ms']:.1f}"]
+            for r in steps["kernels"]["auto"]]
+    text = f"{gpu}, {dtype}, both sides and the WAN emulator on one machine.\n\n"
+    text += _table(["tokens verified (K)", "step ms", "local ms", "cloud ms"], rows) + _source("gpu/step_cost")
+    s = sbs["summary"]
+    rows = [[m, f2(v["tokens_per_second"]), f2(v["tokens_per_step"]), f"{v['ms_per_step']:.0f}",
+             f"{v['local_ms_per_step']:.0f}", f"{v['cloud_ms_per_step']:.0f}"] for m, v in s.items()]
+    text += "\n\n" + _table([f"at {sbs['settings']['rtt_ms']:g} ms RTT", "tokens/s", "tokens/step", "ms/step",
+                               "local ms", "cloud ms"], rows)
+    text += (f"\n\nLookahead / sequential: {sbs['lookahead_over_sequential']:.2f}x; sequential reaches "
+             f"{pct(s['sequential']['share_of_physical_limit'])} of its physical limit." + _source("gpu/wan_side_by_side"))
+    rows = [[key.replace("_vs_", " vs "), pct(v["exact_sequence_rate"]), pct(v["token_agreement"], 2), str(v["prompts"])]
+            for key, v in ident["summary"].items() if "exact_sequence_rate" in v]
+    text += "\n\n" + _table(["output identity (vs HF generate on the same GPU and dtype)", "exact sequences",
+                               "tokens agreeing", "prompts"], rows) + _source("gpu/perplexity_comparison")
+    return text
+
+
 def table_inversion() -> str:
     from ..privacy.report import render as render_inversion
 
@@ -200,6 +225,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "table:identity": table_identity,
     "table:rtt": table_rtt,
     "table:side-by-side": table_side_by_side,
+    "table:gpu": table_gpu,
 }
 
 
@@ -245,6 +271,8 @@ def value(name: str) -> str:
         if what == "local_share":
             return pct(d["memory"]["local_share_of_parameters"], 0)
         return f2(d["split" if what == "split_tps" else "full_model"]["tokens_per_second"])
+    if file == "threads":  # threads.local / threads.cloud: the torch threads of the speed runs
+        return str(load("rtt_analysis")["settings"][f"{what}_threads"])
     if file == "reproduce" and what == "minutes":
         return f"{reproduce_minutes():.0f}"
     if file == "identity":

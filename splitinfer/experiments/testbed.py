@@ -94,13 +94,16 @@ def testbed(
     kernels: str = "auto",
     device: str | None = None,
     dtype: str | None = None,
+    cloud_device: str | None = None,
 ) -> Iterator[Bed]:
-    """The cloud process it starts computes on the local side's device kind, in its dtype, with its kernels."""
+    """The cloud process it starts computes on the local side's device kind, in its dtype, with its kernels
+    (or on `cloud_device`, in that device's default dtype)."""
     torch.set_num_threads(local_threads)
     local = LocalSide(model, device=device, dtype=dtype, kernels=kernels)
     with ExitStack() as stack:
         if cloud is None:
-            http, _ = stack.enter_context(cloud_process(local.model_dir, threads=cloud_threads, extra=local.cloud_args()))
+            extra = local.cloud_args(cloud_device)
+            http, _ = stack.enter_context(cloud_process(local.model_dir, threads=cloud_threads, extra=extra))
         else:
             http = cloud.rstrip("/")
             wait_healthy(http, timeout=30)
@@ -108,6 +111,13 @@ def testbed(
         stack.callback(bed.stop_wan)
         bed.set_rtt(rtt_ms)
         yield bed
+
+
+def settings(args: argparse.Namespace, local: LocalSide, drop: tuple[str, ...] = ("out", "model")) -> dict[str, Any]:
+    """An experiment's command-line settings as they ran: with the local side's device, dtype and threads."""
+    out = {k: v for k, v in vars(args).items() if k not in drop}
+    out.update(local_threads=args.threads or 1, device=local.device, dtype=str(local.dtype).removeprefix("torch."))
+    return out
 
 
 def testbed_for(args: argparse.Namespace, **overrides: Any) -> AbstractContextManager[Bed]:
@@ -119,5 +129,6 @@ def testbed_for(args: argparse.Namespace, **overrides: Any) -> AbstractContextMa
         "kernels": args.kernels,
         "device": args.device,
         "dtype": args.dtype,
+        "cloud_device": getattr(args, "cloud_device", None),
     }
     return testbed(args.model, **{**options, **overrides})
