@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             for mode, opts in (("sequential", {}), ("lookahead", {"max_verify": args.max_verify, "memory": memory})):
                 g = bed.generate(ids, mode, args.max_new_tokens, **opts)
                 runs[mode].append({"category": p["category"], "prompt": p["prompt"], **g.as_dict()})
-        local = bed.local
+        side = bed.local
     summary = {}
     for mode, rs in runs.items():
         decoded = sum(sum(r["accepted_per_step"]) for r in rs)
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     seq, la = summary["sequential"], summary["lookahead"]
     seq["share_of_physical_limit"] = seq["tokens_per_second"] / seq["physical_limit_tokens_per_second"]
     ratio = la["tokens_per_second"] / seq["tokens_per_second"]
-    write_json(args.out, {**provenance(settings(args, local), local.model_dir), "summary": summary, "lookahead_over_sequential": ratio, "runs": runs})
+    write_json(args.out, {**provenance(settings(args, side), side.model_dir), "summary": summary, "lookahead_over_sequential": ratio, "runs": runs})
     print(f"at {args.rtt_ms:g} ms RTT: sequential {seq['tokens_per_second']:.2f} tok/s "
           f"({100 * seq['share_of_physical_limit']:.1f}% of its limit {seq['physical_limit_tokens_per_second']:.2f}), "
           f"lookahead {la['tokens_per_second']:.2f} tok/s ({la['tokens_per_step']:.2f} tokens/step), ratio {ratio:.2f}x")
