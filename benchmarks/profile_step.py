@@ -25,7 +25,7 @@ from splitinfer.config import Split
 from splitinfer.engine import InProcessSpan, SplitModel
 from splitinfer.experiments.record import provenance, write_json
 from splitinfer.kernels import use_kernels
-from splitinfer.models import default_device, load_config, resolve_dtype, resolve_model
+from splitinfer.models import default_device, dtype_name, load_config, resolve_dtype, resolve_model
 from splitinfer.parts import load_cloud, load_local
 
 
@@ -57,9 +57,8 @@ def split_model(model_dir: Path, device: str, dtype: torch.dtype, kernels: str) 
     return SplitModel(head, tail, InProcessSpan(span, dtype), dtype, device)
 
 
-def step(lm: SplitModel, block: list[int]) -> None:
-    """One K-token step, then back to the same context (keep one token, then drop it)."""
-    lm.forward(block)
+def roll_back(lm: SplitModel) -> None:
+    """After a block's forward: back to the same context (keep one token, then drop it with the next forward)."""
     lm.commit([0])
     lm.forward([5])
     lm.commit([])
@@ -67,22 +66,19 @@ def step(lm: SplitModel, block: list[int]) -> None:
 
 def profile_size(lm: SplitModel, k: int, repeats: int, top: int) -> dict:
     block = [(11 * i) % 1000 + 50 for i in range(k)]
-    for _ in range(3):
-        step(lm, block)
+    for _ in range(3):  # warm-up
+        lm.forward(block)
+        roll_back(lm)
     walls = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         lm.forward(block)
         walls.append((time.perf_counter() - t0) * 1000.0)
-        lm.commit([0])
-        lm.forward([5])
-        lm.commit([])
+        roll_back(lm)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     with profile(activities=activities) as prof:
         lm.forward(block)
-    lm.commit([0])
-    lm.forward([5])
-    lm.commit([])
+    roll_back(lm)
     events = prof.key_averages()
     by_host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
     rows = [{"op": e.key, "calls": e.count, "host_ms": e.self_cpu_time_total / 1000.0,
@@ -107,12 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         for k in args.sizes:
             r = profile_size(lm, k, args.repeats, args.top)
             results.append(r)
-            print(f"K={k}: median {r['median_ms']:.1f} ms per forward ({device}, {str(dtype).removeprefix('torch.')})")
+            print(f"K={k}: median {r['median_ms']:.1f} ms per forward ({device}, {dtype_name(dtype)})")
             for row in r["top_ops"]:
                 print(f"  {row['host_ms']:8.2f} ms host {row['device_ms']:8.2f} ms device {row['calls']:5d}x  {row['op']}")
     if args.out:
         run = {k: v for k, v in vars(args).items() if k not in ("out", "model")}
-        run.update(local_threads=torch.get_num_threads(), device=device, dtype=str(dtype).removeprefix("torch."))
+        run.update(local_threads=torch.get_num_threads(), device=device, dtype=dtype_name(dtype))
         write_json(args.out, {**provenance(run, args.model or model_dir), "sizes": results})
     return 0
 

@@ -16,8 +16,9 @@ rows and spreads every block, one row included, over the threads (the LM head,
 one row, 2 threads: 9.5 ms against MKL's 17).  So on a CPU in float32 each
 linear map keeps a oneDNN copy of its weight and uses it for every block but a
 single row on a single thread, where the GEMV is faster (118 against 132 ms for
-a whole one-token step; with 2 threads 109 against 85).  The price is a second copy of every packed matrix in memory (the plain weight stays
-for a tied embedding and for anything that reads `.weight`).
+a whole one-token step; with 2 threads 109 against 85).  The price is a second
+copy of every packed matrix in memory (the plain weight stays for a tied
+embedding and for anything that reads `.weight`).
 
 Elsewhere (GPU, float16, a torch built without oneDNN) the model's own
 nn.Linear is left alone: `pack_linears` reports 0 modules packed.

@@ -21,7 +21,7 @@ from .decoding import Result
 from .decoding.lookahead import Memory
 from .decoding.strategies import STRATEGIES
 from .engine import SplitModel, Span
-from .models import default_device, load_config, resolve_dtype, resolve_model
+from .models import default_device, dtype_name, load_config, resolve_dtype, resolve_model
 from .kernels import use_kernels
 from .parts import describe, load_local
 
@@ -93,7 +93,7 @@ class LocalSide:
             self.held["tensors"],
             self.held["parameters"] / 1e6,
             self.device,
-            str(self.dtype).removeprefix("torch."),
+            dtype_name(self.dtype),
             self.packed,
         )
 
@@ -103,7 +103,7 @@ class LocalSide:
         if device is not None:
             return ["--device", device, "--kernels", self.kernels]
         device = "cuda" if self.device.startswith("cuda") else self.device
-        return ["--device", device, "--dtype", str(self.dtype).removeprefix("torch."), "--kernels", self.kernels]
+        return ["--device", device, "--dtype", dtype_name(self.dtype), "--kernels", self.kernels]
 
     def _eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()

@@ -125,6 +125,11 @@ def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
         raise ModelError(f"unsupported dtype {name!r}: choose float16, bfloat16 or float32") from None
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """torch.float16 -> "float16": resolve_dtype's inverse, for command lines, logs and records."""
+    return str(dtype).removeprefix("torch.")
+
+
 def _weight_files(model_dir: Path) -> list[Path]:
     return sorted(model_dir.glob("*.safetensors"))
 

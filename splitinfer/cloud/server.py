@@ -232,7 +232,7 @@ def build(
 ) -> CloudServer:
     """Load the cloud's layers (and nothing else) and wrap them in a server."""
     from ..config import Split
-    from ..models import default_device, load_config, resolve_dtype, resolve_model
+    from ..models import default_device, dtype_name, load_config, resolve_dtype, resolve_model
     from ..kernels import use_kernels
     from ..parts import describe, load_cloud
 
@@ -251,7 +251,7 @@ def build(
         summary["tensors"],
         summary["parameters"] / 1e6,
         device,
-        str(torch_dtype).removeprefix("torch."),
+        dtype_name(torch_dtype),
         packed,
     )
     core = CloudCore(span, config, device, torch_dtype, limits)
@@ -261,6 +261,6 @@ def build(
         held=summary,
         ws_port=ws_port,
         device=device,
-        dtype=str(torch_dtype).removeprefix("torch."),
+        dtype=dtype_name(torch_dtype),
     )
     return CloudServer(core, info, token, max_connections)

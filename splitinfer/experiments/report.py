@@ -163,11 +163,11 @@ def table_step_cost() -> str:
 
 def table_gpu() -> str:
     """The speed figures from `make experiments-gpu` (experiment_data/gpu/), beside the CPU ones."""
-    from ..models import resolve_dtype
+    from ..models import dtype_name, resolve_dtype
 
     steps, sbs, ident = load("gpu/step_cost"), load("gpu/wan_side_by_side"), load("gpu/perplexity_comparison")
     gpu = steps["machine"]["cuda"]
-    dtype = str(resolve_dtype(steps["settings"].get("dtype"), "cuda")).removeprefix("torch.")
+    dtype = dtype_name(resolve_dtype(steps["settings"].get("dtype"), "cuda"))
     rows = [[str(r["tokens"]), f"{r['total_ms']:.1f}", f"{r['local_ms']:.1f}", f"{r['cloud_ms']:.1f}"]
             for r in steps["kernels"]["auto"]]
     text = f"{gpu}, {dtype}, both sides and the WAN emulator on one machine.\n\n"

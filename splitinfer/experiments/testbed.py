@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import torch
 
 from ..local import Generation, LocalSide
+from ..models import dtype_name
 from ..procs import cloud_process, free_port, wait_healthy
 from ..remote import cloud_session, ws_url
 
@@ -116,7 +117,7 @@ def testbed(
 def settings(args: argparse.Namespace, local: LocalSide, drop: tuple[str, ...] = ("out", "model")) -> dict[str, Any]:
     """An experiment's command-line settings as they ran: with the local side's device, dtype and threads."""
     out = {k: v for k, v in vars(args).items() if k not in drop}
-    out.update(local_threads=args.threads or 1, device=local.device, dtype=str(local.dtype).removeprefix("torch."))
+    out.update(local_threads=args.threads or 1, device=local.device, dtype=dtype_name(local.dtype))
     return out
 
 
