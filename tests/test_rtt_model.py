@@ -71,3 +71,14 @@ def test_cross_validation_error_is_small_on_noisy_linear_data_and_large_on_drift
 
 def test_rtt_keys():
     assert [rtt.key(x) for x in (0, 20.0, 12.5)] == ["0", "20", "12.5"]
+
+
+def test_schedule_moves_every_rtt_through_every_place():
+    modes = ["sequential", "lookahead"]
+    orders = [rtt.schedule(i, RTTS, modes) for i in range(len(RTTS))]
+    for order in orders:  # each prompt still runs every RTT once, every mode at each
+        assert sorted(r for r, _ in order) == RTTS
+        assert all(sorted(m) == sorted(modes) for _, m in order)
+    for place in range(len(RTTS)):
+        assert sorted(order[place][0] for order in orders) == RTTS
+    assert orders[0][0][1] == modes and orders[1][0][1] == modes[::-1]

@@ -35,9 +35,9 @@ def key(rtt: float) -> str:
 def measure(bed: Bed, rtts: list[float], modes: list[str], per_category: int, max_new: int, options: dict) -> list[dict]:
     """One record per (rtt, mode, prompt), with every step's timing.
 
-    Prompt by prompt, every RTT and mode in turn: the machine's speed drifts over a
-    long run (other load, clocks), and interleaving spreads that drift over all RTTs
-    instead of confounding it with one of them.
+    Prompt by prompt, every RTT and mode in turn (see `schedule`): the machine's speed
+    drifts over a long run (other load, clocks), and interleaving spreads that drift
+    over all RTTs instead of confounding it with one of them.
     """
     prompts = prompt_sets.load(per_category=per_category)
     encoded = [bed.local.encode(p["prompt"]) for p in prompts]
@@ -45,10 +45,10 @@ def measure(bed: Bed, rtts: list[float], modes: list[str], per_category: int, ma
     memories = {(rtt, mode): _fresh_memory(mode) for rtt in rtts for mode in modes}
     records = []
     bar = tqdm(total=len(rtts) * len(modes) * len(prompts), desc="rtt analysis", unit="run")
-    for p, ids in zip(prompts, encoded):
-        for rtt in rtts:
+    for i, (p, ids) in enumerate(zip(prompts, encoded)):
+        for rtt, run_modes in schedule(i, rtts, modes):
             bed.set_rtt(rtt)
-            for mode in modes:
+            for mode in run_modes:
                 memory = memories[(rtt, mode)]
                 extra = {"memory": memory} if memory is not None else {}
                 g = bed.generate(ids, mode, max_new, **options.get(mode, {}), **extra)
@@ -72,6 +72,18 @@ def measure(bed: Bed, rtts: list[float], modes: list[str], per_category: int, ma
     bar.close()
     bed.stop_wan()
     return records
+
+
+def schedule(i: int, rtts: list[float], modes: list[str]) -> list[tuple[float, list[str]]]:
+    """The order of prompt i's runs: RTTs rotated by i, modes reversed on odd prompts.
+
+    A fixed order would give each RTT a fixed place in every cycle (always first after a
+    new prompt, always right after the longest idle gap), and any cost tied to that place
+    would look like an effect of the RTT; rotating moves every RTT through every place.
+    """
+    shift = i % len(rtts) if rtts else 0
+    order = modes[::-1] if i % 2 else list(modes)
+    return [(rtt, order) for rtt in rtts[shift:] + rtts[:shift]]
 
 
 def _fresh_memory(mode: str):
