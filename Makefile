@@ -47,12 +47,12 @@ experiments: $(STAMP)
 GPU_DATA ?= experiment_data/gpu
 experiments-gpu:
 	$(PY) benchmarks/step_cost.py --compare auto --sizes 1 2 4 8 16 32 64 128 --out $(GPU_DATA)/step_cost.json
-	$(PY) perplexity_comparison.py --per-category 1 --out $(GPU_DATA)/perplexity_comparison.json
 	$(PY) benchmarks/wan_side_by_side.py --per-category 2 --out $(GPU_DATA)/wan_side_by_side.json
 	$(PY) rtt_analysis.py --per-category 1 --out $(GPU_DATA)/rtt_analysis.json
 	# As deployed: the local side on the CPU (float32), the cloud on the GPU.
 	$(PY) benchmarks/wan_side_by_side.py --device cpu --threads 4 --cloud-device cuda --per-category 2 \
 		--out $(GPU_DATA)/wan_side_by_side_cpu_local.json
+	$(PY) perplexity_comparison.py --per-category 1 --out $(GPU_DATA)/perplexity_comparison.json
 
 clean:
 	rm -rf $(VENV) models
