@@ -25,6 +25,9 @@ from splitinfer.procs import ROOT
 from splitinfer.remote import cloud_session
 
 
+WARM_UP_S = 2.0  # of one-token steps before anything is timed
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_args(p)
@@ -51,6 +54,12 @@ def measure(args: argparse.Namespace, kernels: str) -> tuple[list[dict], LocalSi
         with cloud_session(bed.url) as span:
             lm = bed.local.model(span)
             lm.prefill([(7 * i) % 1000 + 100 for i in range(args.context)])
+            # A GPU idles at a low clock and takes a while to raise it: without this the first size
+            # measured (K=1) came out slower than K=2 on an H200.
+            deadline = time.perf_counter() + WARM_UP_S
+            while time.perf_counter() < deadline:
+                lm.forward([5])
+                lm.commit([])
             for k in args.sizes:
                 block = [(11 * i) % 1000 + 50 for i in range(k)]
                 walls = []

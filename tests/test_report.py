@@ -50,3 +50,22 @@ def test_commit_is_dirty_for_code_changes_but_not_for_the_experiments_outputs(tm
     assert commit(tmp_path) == head
     (tmp_path / "code.py").write_text("x = 2")
     assert commit(tmp_path) == head + "+dirty"
+
+
+def test_values_derived_from_recorded_steps(monkeypatch):
+    """Shares and means that the docs quote are computed from the per-step records, not stored."""
+    step = lambda k: {"tokens": k}  # noqa: E731
+    sbs = {"runs": {"lookahead": [{"timings": [step(1), step(8), step(1), step(12)], "accepted_per_step": [1, 3, 1, 2]}]}}
+    rtt = {"runs": [{"mode": "lookahead", "rtt_ms": 0.0, "timings": [step(1), step(9)]},
+                    {"mode": "lookahead", "rtt_ms": 20.0, "timings": [step(64)]},
+                    {"mode": "sequential", "rtt_ms": 0.0, "timings": [step(1)]}]}
+    steps = {"kernels": {"auto": [{"tokens": 1, "total_ms": 103.7}, {"tokens": 16, "total_ms": 163.8}]}}
+    files = {"wan_side_by_side": sbs, "gpu/rtt_analysis": rtt, "step_cost": steps}
+    monkeypatch.setattr(report, "load", lambda name: files[name])
+    assert report.value("sbs.root_only_share") == "50%"
+    assert report.value("sbs.tokens_per_tree_step") == "2.50"
+    assert report.value("gpu_rtt.k.lookahead.0") == "5"
+    assert report.value("gpu_rtt.k.lookahead.20") == "64"
+    assert report.value("step.16") == "164"
+    with pytest.raises(KeyError):
+        report.value("nothing.here")

@@ -114,8 +114,8 @@ def table_identity() -> str:
     return text + _source("perplexity_comparison")
 
 
-def table_rtt() -> str:
-    d = load("rtt_analysis")
+def table_rtt(name: str = "rtt_analysis") -> str:
+    d = load(name)
     modes = sorted(d["measured"])
     rtts = list(d["measured"][modes[0]])
     rows = [[m, *(f2(d["measured"][m][r]["tokens_per_second"]) for r in rtts)] for m in modes]
@@ -132,11 +132,11 @@ def table_rtt() -> str:
         text += f"\n\nLeave-one-RTT-out error of the decomposition model: mean {pct(cv['mean_abs_error'])}, max {pct(cv['max_abs_error'])}."
     proj = d["projection"]
     text += "\n\n" + _table(["projected tokens/s at RTT (ms)", *proj[modes[0]]], [[m, *(f2(v) for v in proj[m].values())] for m in modes])
-    return text + _source("rtt_analysis")
+    return text + _source(name)
 
 
-def table_side_by_side() -> str:
-    d = load("wan_side_by_side")
+def table_side_by_side(name: str = "wan_side_by_side") -> str:
+    d = load(name)
     s = d["summary"]
     rows = [[m, f2(v["tokens_per_second"]), f2(v["tokens_per_step"]), f"{v['ms_per_step']:.0f}",
              f"{v['local_ms_per_step']:.0f}", f"{v['cloud_ms_per_step']:.0f}"] for m, v in s.items()]
@@ -144,7 +144,7 @@ def table_side_by_side() -> str:
     text += (f"\n\nLookahead / sequential: {d['lookahead_over_sequential']:.2f}x; sequential reaches "
              f"{pct(s['sequential']['share_of_physical_limit'])} of its physical limit "
              f"({f2(s['sequential']['physical_limit_tokens_per_second'])} tokens/s).")
-    return text + _source("wan_side_by_side")
+    return text + _source(name)
 
 
 def table_step_cost() -> str:
@@ -165,20 +165,20 @@ def table_gpu() -> str:
     """The speed figures from `make experiments-gpu` (experiment_data/gpu/), beside the CPU ones."""
     from ..models import dtype_name, resolve_dtype
 
-    steps, sbs, ident = load("gpu/step_cost"), load("gpu/wan_side_by_side"), load("gpu/perplexity_comparison")
+    steps, ident = load("gpu/step_cost"), load("gpu/perplexity_comparison")
     gpu = steps["machine"]["cuda"]
     dtype = dtype_name(resolve_dtype(steps["settings"].get("dtype"), "cuda"))
     rows = [[str(r["tokens"]), f"{r['total_ms']:.1f}", f"{r['local_ms']:.1f}", f"{r['cloud_ms']:.1f}"]
             for r in steps["kernels"]["auto"]]
-    text = f"{gpu}, {dtype}, both sides and the WAN emulator on one machine.\n\n"
+    text = f"{gpu}, {dtype}, both sides and the WAN emulator on one machine unless a table says otherwise.\n\n"
     text += _table(["tokens verified (K)", "step ms", "local ms", "cloud ms"], rows) + _source("gpu/step_cost")
-    s = sbs["summary"]
-    rows = [[m, f2(v["tokens_per_second"]), f2(v["tokens_per_step"]), f"{v['ms_per_step']:.0f}",
-             f"{v['local_ms_per_step']:.0f}", f"{v['cloud_ms_per_step']:.0f}"] for m, v in s.items()]
-    text += "\n\n" + _table([f"at {sbs['settings']['rtt_ms']:g} ms RTT", "tokens/s", "tokens/step", "ms/step",
-                               "local ms", "cloud ms"], rows)
-    text += (f"\n\nLookahead / sequential: {sbs['lookahead_over_sequential']:.2f}x; sequential reaches "
-             f"{pct(s['sequential']['share_of_physical_limit'])} of its physical limit." + _source("gpu/wan_side_by_side"))
+    text += "\n\nAt 80 ms RTT, both sides on the GPU:\n\n" + table_side_by_side("gpu/wan_side_by_side")
+    if (DATA / "gpu/wan_side_by_side_cpu_local.json").exists():
+        local = load("gpu/wan_side_by_side_cpu_local")["settings"]
+        text += (f"\n\nAt 80 ms RTT, as deployed: the local side on the CPU ({local['dtype']}, "
+                 f"{local['local_threads']} threads), the cloud on the GPU:\n\n" + table_side_by_side("gpu/wan_side_by_side_cpu_local"))
+    if (DATA / "gpu/rtt_analysis.json").exists():
+        text += "\n\nThe RTT sweep, both sides on the GPU:\n\n" + table_rtt("gpu/rtt_analysis")
     rows = [[key.replace("_vs_", " vs "), pct(v["exact_sequence_rate"]), pct(v["token_agreement"], 2), str(v["prompts"])]
             for key, v in ident["summary"].items() if "exact_sequence_rate" in v]
     text += "\n\n" + _table(["output identity (vs HF generate on the same GPU and dtype)", "exact sequences",
@@ -241,6 +241,22 @@ def _ablation(config: str, key: str, field: str = "tokens_per_step") -> str:
     raise KeyError(f"no ablation config {config!r}")
 
 
+def _tree_steps(d: dict[str, Any], what: str) -> str:
+    """Of lookahead's steps in a side-by-side run: the share that verified the root alone (no
+    source had a guess after it), or the tokens committed per step among the others."""
+    steps = [(t["tokens"], a) for r in d["runs"]["lookahead"] for t, a in zip(r["timings"], r["accepted_per_step"])]
+    trees = [a for k, a in steps if k > 1]
+    if what == "root_only_share":
+        return pct(1 - len(trees) / len(steps), 0)
+    return f2(sum(trees) / len(trees))
+
+
+# Value prefixes and the files they read: the CPU runs, and the GPU runs of `make experiments-gpu`.
+SIDE_BY_SIDE = {"sbs": "wan_side_by_side", "gpu_sbs": "gpu/wan_side_by_side",
+                "gpu_sbs_cpu_local": "gpu/wan_side_by_side_cpu_local"}
+RTT = {"rtt": "rtt_analysis", "gpu_rtt": "gpu/rtt_analysis"}
+
+
 def value(name: str) -> str:
     """Inline values, by dotted name: file.what[.detail]; the inversion's by path: inv/what/... ."""
     if name.startswith("inv/"):
@@ -251,15 +267,21 @@ def value(name: str) -> str:
     if file == "ablation":  # ablation.<config name with _ for space>.<category>
         config, _, key = what.rpartition(".")
         return _ablation(config.replace("_", " "), key)
-    if file == "sbs":
-        d = load("wan_side_by_side")
+    if file in SIDE_BY_SIDE:
+        d = load(SIDE_BY_SIDE[file])
         if what == "ratio":
             return f2(d["lookahead_over_sequential"])
+        if what in ("root_only_share", "tokens_per_tree_step"):
+            return _tree_steps(d, what)
         mode, _, field = what.partition(".")
         v = d["summary"][mode][field]
         return pct(v) if field.startswith("share") else f2(v)
-    if file == "rtt":
-        d = load("rtt_analysis")
+    if file in RTT:
+        d = load(RTT[file])
+        if what.startswith("k."):  # rtt.k.<mode>.<rtt>: the mean block size K of that mode's steps there
+            mode, _, r = what[2:].partition(".")
+            ks = [t["tokens"] for run in d["runs"] if run["mode"] == mode and f"{float(run['rtt_ms']):g}" == r for t in run["timings"]]
+            return f"{sum(ks) / len(ks):.0f}"
         if what.startswith("cv."):
             return pct(d["cross_validation"][what[3:]])
         mode, _, r = what.partition(".")
@@ -271,6 +293,9 @@ def value(name: str) -> str:
         if what == "local_share":
             return pct(d["memory"]["local_share_of_parameters"], 0)
         return f2(d["split" if what == "split_tps" else "full_model"]["tokens_per_second"])
+    if file in ("step", "gpu_step"):  # step.<K>: the step's total ms with splitinfer's kernels
+        rows = load("step_cost" if file == "step" else "gpu/step_cost")["kernels"]["auto"]
+        return f"{next(r['total_ms'] for r in rows if r['tokens'] == int(what)):.0f}"
     if file == "threads":  # threads.local / threads.cloud: the torch threads of the speed runs
         return str(load("rtt_analysis")["settings"][f"{what}_threads"])
     if file == "reproduce" and what == "minutes":
