@@ -54,7 +54,7 @@ def test_commit_is_dirty_for_code_changes_but_not_for_the_experiments_outputs(tm
 
 def test_values_derived_from_recorded_steps(monkeypatch):
     """Shares and means that the docs quote are computed from the per-step records, not stored."""
-    step = lambda k: {"tokens": k}  # noqa: E731
+    step = lambda k: {"tokens": k, "local_before_ms": 1.0, "local_after_ms": 2.0, "cloud_ms": 10.0 * k}  # noqa: E731
     sbs = {"runs": {"lookahead": [{"timings": [step(1), step(8), step(1), step(12)], "accepted_per_step": [1, 3, 1, 2]}]}}
     rtt = {"runs": [{"mode": "lookahead", "rtt_ms": 0.0, "timings": [step(1), step(9)]},
                     {"mode": "lookahead", "rtt_ms": 20.0, "timings": [step(64)]},
@@ -67,5 +67,9 @@ def test_values_derived_from_recorded_steps(monkeypatch):
     assert report.value("gpu_rtt.k.lookahead.0") == "5"
     assert report.value("gpu_rtt.k.lookahead.20") == "64"
     assert report.value("step.16") == "164"
+    rtt["cross_validation"] = {"folds": [{"held_out_rtt_ms": 0.0, "error": 0.01}, {"held_out_rtt_ms": 20.0, "error": 0.06}]}
+    assert report.value("gpu_rtt.cv.worst_rtt") == "20"
+    assert report.value("gpu_rtt.compute.lookahead.20") == "643"  # 1 + 2 + 640
+    assert report.value("gpu_rtt.compute.lookahead.0") == "53"  # (13 + 93) / 2
     with pytest.raises(KeyError):
         report.value("nothing.here")

@@ -278,10 +278,17 @@ def value(name: str) -> str:
         return pct(v) if field.startswith("share") else f2(v)
     if file in RTT:
         d = load(RTT[file])
-        if what.startswith("k."):  # rtt.k.<mode>.<rtt>: the mean block size K of that mode's steps there
-            mode, _, r = what[2:].partition(".")
-            ks = [t["tokens"] for run in d["runs"] if run["mode"] == mode and f"{float(run['rtt_ms']):g}" == r for t in run["timings"]]
-            return f"{sum(ks) / len(ks):.0f}"
+        # rtt.k.<mode>.<rtt>: the mean block size K of that mode's steps there;
+        # rtt.compute.<mode>.<rtt>: their mean local + cloud milliseconds.
+        if what.startswith(("k.", "compute.")):
+            field, _, rest = what.partition(".")
+            mode, _, r = rest.partition(".")
+            steps = [t for run in d["runs"] if run["mode"] == mode and f"{float(run['rtt_ms']):g}" == r for t in run["timings"]]
+            if field == "k":
+                return f"{sum(t['tokens'] for t in steps) / len(steps):.0f}"
+            return f"{sum(t['local_before_ms'] + t['local_after_ms'] + t['cloud_ms'] for t in steps) / len(steps):.0f}"
+        if what == "cv.worst_rtt":  # the held-out RTT of the worst fold
+            return f"{max(d['cross_validation']['folds'], key=lambda f: f['error'])['held_out_rtt_ms']:g}"
         if what.startswith("cv."):
             return pct(d["cross_validation"][what[3:]])
         mode, _, r = what.partition(".")
