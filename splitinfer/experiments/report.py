@@ -281,9 +281,11 @@ def value(name: str) -> str:
         # rtt.k.<mode>.<rtt>: the mean block size K of that mode's steps there;
         # rtt.compute.<mode>.<rtt>: their mean local + cloud milliseconds.
         if what.startswith(("k.", "compute.")):
+            from .rtt import key as rtt_key  # lazily: rtt pulls in the testbed (torch, transformers)
+
             field, _, rest = what.partition(".")
             mode, _, r = rest.partition(".")
-            steps = [t for run in d["runs"] if run["mode"] == mode and f"{float(run['rtt_ms']):g}" == r for t in run["timings"]]
+            steps = [t for run in d["runs"] if run["mode"] == mode and rtt_key(run["rtt_ms"]) == r for t in run["timings"]]
             if field == "k":
                 return f"{sum(t['tokens'] for t in steps) / len(steps):.0f}"
             return f"{sum(t['local_before_ms'] + t['local_after_ms'] + t['cloud_ms'] for t in steps) / len(steps):.0f}"
