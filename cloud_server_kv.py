@@ -11,13 +11,13 @@ import argparse
 import logging
 from pathlib import Path
 
-from splitinfer.cli import TOKEN_ENV, add_model_args, read_token, setup
-from splitinfer.cloud.server import build
+from splitinfer.cli import TOKEN_ENV, HelpFormatter, add_model_args, read_token, setup
+from splitinfer.cloud.server import HTTP_IDLE_TIMEOUT_S, build
 from splitinfer.config import HTTP_PORT, WS_PORT, Limits
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
     p.add_argument("--cloud-start", type=int, default=None, help="first cloud layer (default 2)")
     p.add_argument("--cloud-end", type=int, default=None, help="last cloud layer, inclusive (default L-3)")
@@ -36,14 +36,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         f"or are refused at the handshake (HTTP 401); without it, ${TOKEN_ENV} if set, else no authentication",
     )
     d = Limits()
-    p.add_argument("--idle-timeout", type=float, default=d.idle_seconds, help="seconds before an idle session is dropped")
-    p.add_argument("--max-sessions", type=int, default=d.max_sessions, help="sessions held at once")
-    p.add_argument("--max-context", type=int, default=d.max_context, help="tokens held in one session's cache")
-    p.add_argument("--max-step-tokens", type=int, default=d.max_step_tokens, help="new tokens in one forward")
-    p.add_argument(
-        "--max-connections", type=int, default=None, help="WebSocket connections at once; None: 4 x --max-sessions"
+    g = p.add_argument_group(
+        "limits",
+        "what one server accepts; sessions, connections and the frame size default to what the memory available "
+        "at start allows (the formula and its numbers are logged at start-up; docs/security.md, 'Memory')",
     )
-    p.add_argument("--max-frame-mb", type=float, default=d.max_frame_bytes / 2**20, help="largest frame accepted, MiB")
+    g.add_argument("--idle-timeout", type=float, default=d.idle_seconds,
+                   help="seconds without a forward before a session is dropped")
+    g.add_argument("--max-sessions", type=int, default=None, help="sessions held at once (default: from memory)")
+    g.add_argument("--max-sessions-per-connection", type=int, default=d.max_sessions_per_connection,
+                   help="sessions one connection may hold, so one peer cannot take every slot")
+    g.add_argument("--max-context", type=int, default=d.max_context, help="tokens held in one session's cache")
+    g.add_argument("--max-step-tokens", type=int, default=d.max_step_tokens, help="new tokens in one forward")
+    g.add_argument("--max-connections", type=int, default=None,
+                   help="WebSocket connections at once (default: from memory, at most 4 x sessions)")
+    g.add_argument("--max-frame-mb", type=float, default=None,
+                   help="largest frame accepted, MiB (default: the largest legal forward at --max-context and "
+                   "--max-step-tokens)")
+    p.add_argument("--http-idle-timeout", type=int, default=HTTP_IDLE_TIMEOUT_S,
+                   help="seconds an HTTP connection may sit idle or take to send its request before it is closed")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p.parse_args(argv)
 
@@ -52,25 +63,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup(args)
     token = read_token(args.auth_token_file)  # before loading the model: a bad token file fails at once
-    for name in ("max_sessions", "max_context", "max_step_tokens", "max_frame_mb", "idle_timeout"):
-        if getattr(args, name) <= 0:
+    for name in ("max_sessions", "max_sessions_per_connection", "max_context", "max_step_tokens", "max_frame_mb",
+                 "idle_timeout", "max_connections", "http_idle_timeout"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
             raise SystemExit(f"error: --{name.replace('_', '-')} must be positive")
     logging.getLogger("cloud_server_kv").info(
         "authentication: %s", "bearer token required" if token else "OFF (no --auth-token-file or $" + TOKEN_ENV + ")"
     )
     limits = Limits(
-        max_sessions=args.max_sessions,
         max_context=args.max_context,
         max_step_tokens=args.max_step_tokens,
-        max_frame_bytes=int(args.max_frame_mb * 2**20),
         idle_seconds=args.idle_timeout,
+        max_sessions_per_connection=args.max_sessions_per_connection,
     )
     server = build(
         args.model, args.cloud_start, args.cloud_end, args.device, args.dtype, limits, args.ws_port,
         token, args.max_connections, args.kernels,
+        max_sessions=args.max_sessions,
+        max_frame_bytes=None if args.max_frame_mb is None else int(args.max_frame_mb * 2**20),
     )
     try:
-        server.run(args.host, args.port, args.ws_port)
+        server.run(args.host, args.port, args.ws_port, http_idle_timeout=args.http_idle_timeout)
     except KeyboardInterrupt:
         pass
     return 0

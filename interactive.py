@@ -44,7 +44,8 @@ def generate(local: LocalSide, args: argparse.Namespace, prompt_ids: list[int], 
     def show(chunk: list[int]) -> None:
         print(text.push(chunk), end="", flush=True)
 
-    with cloud_session(url, read_token(args.auth_token_file), reconnect_timeout=args.reconnect_timeout) as span:
+    token = read_token(args.auth_token_file)
+    with cloud_session(url, token, expected=local.identity, reconnect_timeout=args.reconnect_timeout) as span:
         g = local.generate(span, prompt_ids, args.max_new_tokens, args.mode, on_tokens=show if stream else None)
     if stream:
         print(text.finish(), end="", flush=True)

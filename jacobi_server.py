@@ -19,15 +19,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import socket
 import sys
+from pathlib import Path
 
-from splitinfer.cli import add_local_args, add_model_args, read_token, setup
+from splitinfer.cli import HelpFormatter, add_local_args, add_model_args, read_token, setup
 from splitinfer.config import HTTP_PORT, LOCAL_SERVER_PORT, WS_PORT
 from splitinfer.decoding.strategies import STRATEGIES
 from splitinfer.local import LocalSide
 from splitinfer.remote import CloudError, cloud_session, ws_url
+from splitinfer.serve.app import DEFAULT_MAX_BODY_BYTES
+from splitinfer.serve.guard import AccessPolicy, is_loopback, origin
 
 EPILOG = f"""\
 examples:
@@ -43,15 +47,20 @@ setup (cloud, local server, client).
 """
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The description as written; "(default: ...)" after options whose default says something."""
+def byte_size(text: str) -> int:
+    """An argparse type: a size in bytes, "4194304", "4096K" or "4M"."""
+    scale = {"K": 1 << 10, "M": 1 << 20}.get(text[-1:].upper(), 1)
+    digits = text[:-1] if scale > 1 else text
+    if not (digits.isascii() and digits.isdigit()) or int(digits) * scale < 1024:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size of at least 1024 bytes (e.g. 4M)")
+    return int(digits) * scale
 
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        says = action.default not in (None, False, argparse.SUPPRESS)
-        if "%(default)" not in text and action.option_strings and says:
-            text += " (default: %(default)s)"
-        return text
+
+def origin_arg(text: str) -> str:
+    """An argparse type: a web origin, kept as given once it parses."""
+    if origin(text) is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an origin: give scheme://host[:port], no path")
+    return text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,8 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--host",
         default="127.0.0.1",
-        help="address to bind; the API has no authentication, so keep loopback and reach it from another "
-        "machine through an SSH tunnel (ssh -L), or bind a LAN address only on a trusted network",
+        help="address to bind; keep loopback and reach it from another machine through an SSH tunnel "
+        "(ssh -L), or bind a LAN address only on a trusted network, with --api-key-file",
     )
     g.add_argument(
         "--port",
@@ -77,6 +86,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="model id reported by /v1/models and in responses (default: the model directory's name); "
         "requests may name any model",
+    )
+    g = p.add_argument_group(
+        "who may use the API (see docs/local_server.md)",
+        "Host must name this server (localhost, a loopback address, --host, an --allowed-host;\n"
+        "any IP address when --host is 0.0.0.0 or ::), else 421, so a web page cannot reach the\n"
+        "API by pointing its own domain at this machine (DNS rebinding).  A browser's Origin\n"
+        "must be this server at --port or an --allowed-origin, else 403.  Bodies must be\n"
+        "application/json (else 415) and at most --max-body-bytes (else 413).",
+    )
+    g.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        help="a host name clients may use to reach this server besides localhost and --host, e.g. the "
+        "machine's LAN name (repeatable)",
+    )
+    g.add_argument(
+        "--allowed-origin",
+        action="append",
+        type=origin_arg,
+        metavar="ORIGIN",
+        help="a web page origin (scheme://host[:port], e.g. http://localhost:3000) allowed to call the API "
+        "from a browser, with CORS headers (repeatable; default: none besides this server itself)",
+    )
+    g.add_argument(
+        "--api-key-file",
+        type=Path,
+        default=None,
+        help="file whose first line is the API key every request must send as 'Authorization: Bearer KEY' "
+        "(the openai package's api_key, mac_client.py --api-key-file); without it, no key is asked for",
+    )
+    g.add_argument(
+        "--max-body-bytes",
+        type=byte_size,
+        default=DEFAULT_MAX_BODY_BYTES,
+        metavar="SIZE",
+        help="largest request body accepted, in bytes (suffix K or M for KiB or MiB); a larger one is refused "
+        "(413) before it is read",
     )
     g = p.add_argument_group("one-shot use")
     g.add_argument("--prompt", default=None, help="generate once for this prompt, print the text and exit (no server)")
@@ -93,7 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def one_shot(local: LocalSide, args: argparse.Namespace, token: str | None) -> int:
     try:
-        with cloud_session(ws_url(args.cloud, args.cloud_ws), token, reconnect_timeout=args.reconnect_timeout) as span:
+        url = ws_url(args.cloud, args.cloud_ws)
+        with cloud_session(url, token, expected=local.identity, reconnect_timeout=args.reconnect_timeout) as span:
             g = local.generate(span, local.encode(args.prompt, args.raw), args.max_new_tokens, args.mode)
     except CloudError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -111,10 +159,16 @@ def bind_problem(host: str, port: int) -> str | None:
     return None
 
 
+def access_policy(args: argparse.Namespace, api_key: str | None) -> AccessPolicy:
+    hosts, origins = frozenset(args.allowed_host or ()), frozenset(args.allowed_origin or ())
+    return AccessPolicy(args.host, args.port, hosts, origins, api_key)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup(args)
     token = read_token(args.auth_token_file)
+    api_key = read_token(args.api_key_file) if args.api_key_file else None  # never the cloud's variable
     if args.prompt is None and (problem := bind_problem(args.host, args.port)):
         print(f"error: cannot serve on {args.host}:{args.port}: {problem}", file=sys.stderr)
         return 1
@@ -133,7 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         model_name=args.served_model_name,
         default_max_tokens=args.max_new_tokens,
         reconnect_timeout=args.reconnect_timeout,
+        policy=access_policy(args, api_key),
+        max_body_bytes=args.max_body_bytes,
     )
+    if api_key is None and not is_loopback(args.host):
+        logging.getLogger("jacobi_server").warning(
+            "serving on %s without --api-key-file: anyone who can reach this port can use the model", args.host
+        )
     try:
         serve(app, args.host, args.port)
     except KeyboardInterrupt:

@@ -72,12 +72,27 @@ def _error_message(r: requests.Response) -> str:
     return f"the server answered HTTP {r.status_code}: {message}"
 
 
+def read_api_key(path: str) -> str:
+    """The API key: the file's first line, stripped (the server's --api-key-file holds the same)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            key = f.readline().strip()
+    except (OSError, UnicodeError) as exc:
+        reason = getattr(exc, "strerror", None) or exc
+        raise ClientError(f"cannot read the API key file {path}: {reason}", True) from None
+    if not key:
+        raise ClientError(f"the API key file {path} is empty; put the key on its first line", True)
+    return key
+
+
 class Client:
-    def __init__(self, server: str, timeout: float = 300.0):
+    def __init__(self, server: str, timeout: float = 300.0, api_key: str | None = None):
         server = server.strip().rstrip("/")
         self.server = server if "://" in server else f"http://{server}"  # HOST:PORT is enough
         self.timeout = timeout
         self.http = requests.Session()
+        if api_key is not None:
+            self.http.headers["Authorization"] = f"Bearer {api_key}"  # as OpenAI clients send it
         self.writing = False
 
     def _call(self, method: str, path: str, **kwargs: Any) -> requests.Response:
@@ -102,6 +117,8 @@ class Client:
 
     def health(self) -> dict[str, Any]:
         r = self._call("GET", "/health")
+        if 400 <= r.status_code < 500:  # a refusal (API key, Host), not a degraded server: nothing will work
+            raise ClientError(_error_message(r), True)
         try:
             body = r.json()
         except ValueError:
@@ -212,6 +229,12 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter)
     p.add_argument("--server", default=DEFAULT_SERVER, help="the local server's address (jacobi_server.py --port)")
+    p.add_argument(
+        "--api-key-file",
+        default=None,
+        help="file whose first line is the server's API key (jacobi_server.py --api-key-file), sent as "
+        "'Authorization: Bearer'; needed only when the server was started with one",
+    )
     p.add_argument("--prompt", default=None, help="ask this once, print the answer and the status line, and exit")
     p.add_argument("--system", default=None, help="a system message that opens the conversation")
     p.add_argument(
@@ -298,7 +321,12 @@ def chat_loop(client: Client, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    client = Client(args.server, args.timeout)
+    try:
+        api_key = read_api_key(args.api_key_file) if args.api_key_file else None
+    except ClientError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    client = Client(args.server, args.timeout, api_key)
     try:
         if args.prompt is not None:
             system = [{"role": "system", "content": args.system}] if args.system else []

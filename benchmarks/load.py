@@ -72,7 +72,7 @@ def client(model: str, ws: str, token_file: str, prompts: list[str], max_new: in
     barrier.wait()
     for prompt, prompt_ids in zip(prompts, ids):
         start = time.time()
-        with cloud_session(ws, token) as span:
+        with cloud_session(ws, token, expected=local.identity) as span:
             g = local.generate(span, prompt_ids, max_new, mode)
         results.put({
             "prompt": prompt, "token_ids": g.token_ids, "new_tokens": len(g.token_ids), "start": start,
@@ -154,7 +154,7 @@ SOAK_PREFILL = 64  # tokens per soak session (plus 4 single steps): ~2.7 MB of f
 def soak_session(ws: str, token: str, how: str, dims: tuple[int, int], seed: int, keep: list) -> None:
     """One session, ended by `how`: "close" (the op), "drop" (the connection goes) or "expire" (left idle)."""
     conn = CloudConnection(ws, token)
-    session, _ = conn.open_raw()
+    session, _ = conn.open_raw(expected=None)  # raw protocol: random activations, no model to check against
     fill(conn, session, *dims, prefill=SOAK_PREFILL, steps=4, seed=seed)
     if how == "close":
         conn.request({"op": "close", "session": session, "step": 99})

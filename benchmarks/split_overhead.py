@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = []
     with cloud_process(local.model_dir, threads=args.cloud_threads) as (url, proc):
         for ids in prompts:
-            with cloud_session(ws_url(url)) as span:
+            with cloud_session(ws_url(url), expected=local.identity) as span:
                 # No EOS: every prompt decodes exactly max_new tokens, the same work as the full-model loop.
                 local.eos = frozenset()
                 g = local.generate(span, ids, args.max_new_tokens)

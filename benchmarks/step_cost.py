@@ -51,7 +51,7 @@ def measure(args: argparse.Namespace, kernels: str) -> tuple[list[dict], LocalSi
     """Median step cost per block size K, with both sides using `kernels`."""
     rows = []
     with testbed_for(args, kernels=kernels) as bed:
-        with cloud_session(bed.url) as span:
+        with cloud_session(bed.url, expected=bed.local.identity) as span:
             lm = bed.local.model(span)
             lm.prefill([(7 * i) % 1000 + 100 for i in range(args.context)])
             # A GPU idles at a low clock and takes a while to raise it: without this the first size

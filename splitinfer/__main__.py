@@ -36,7 +36,7 @@ def demo(args: argparse.Namespace) -> int:
     print(f"starting a cloud server process (layers {local.split.cloud_layers.start}.."
           f"{local.split.cloud_layers.stop - 1}) on loopback ...", file=sys.stderr)
     with cloud_process(local.model_dir, threads=args.cloud_threads, extra=local.cloud_args()) as (url, _):
-        with cloud_session(ws_url(url)) as span:
+        with cloud_session(ws_url(url), expected=local.identity) as span:
             print(f"\nprompt: {args.prompt}\n", file=sys.stderr)
             g = local.generate(
                 span, local.encode(args.prompt), args.max_new_tokens, "sequential",

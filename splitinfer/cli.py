@@ -14,6 +14,17 @@ from .kernels import KERNELS
 from .remote import RECONNECT_TIMEOUT_S
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written; "(default: ...)" after options whose default says something."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        says = action.default not in (None, False, argparse.SUPPRESS)
+        if "%(default)" not in text and "(default" not in text and action.option_strings and says:
+            text += " (default: %(default)s)"
+        return text
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and hardware")
     g.add_argument(
@@ -68,7 +79,7 @@ def setup(args: argparse.Namespace) -> None:
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
         format="%(asctime)s %(name)s %(levelname)s %(message)s",
     )
-    for noisy in ("websockets", "werkzeug", "httpx", "urllib3"):
+    for noisy in ("websockets", "werkzeug", "waitress", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,9 +95,12 @@ def read_token(path: Path | None) -> str | None:
     A token travels in an HTTP header, so it must be printable ASCII without spaces.
     """
     if path is None:
-        token, source = os.environ.get(TOKEN_ENV, "").strip(), f"${TOKEN_ENV}"
-        if not token:
+        raw, source = os.environ.get(TOKEN_ENV), f"${TOKEN_ENV}"
+        if raw is None:
             return None
+        token = raw.strip()
+        if not token:  # set but blank: a mistake, never a quiet "no authentication"
+            raise SystemExit(f"error: ${TOKEN_ENV} is set but blank; put the shared secret in it, or unset it")
     else:
         try:
             lines = path.read_text().splitlines()

@@ -76,9 +76,12 @@ class Split:
 class Limits:
     """What one cloud server accepts; each bound keeps a hostile or buggy peer from exhausting it."""
 
+    # The cloud server derives max_sessions and max_frame_bytes from the memory available at start
+    # (cloud/memory.py); these fixed values serve tests and in-process use.
     max_sessions: int = 64
     max_context: int = 8192  # tokens held in one session's cache
     max_step_tokens: int = 512  # new tokens in one forward (prefill chunks are split by the client)
     max_frame_bytes: int = 64 << 20  # checked from the length prefix before the payload is read
+    max_sessions_per_connection: int = 4  # so one connection cannot take every session slot
     max_header_bytes: int = 1 << 20
     idle_seconds: float = SESSION_IDLE_SECONDS

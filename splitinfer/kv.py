@@ -55,3 +55,29 @@ def check_keep(current: int, start: int, indices: Sequence[int]) -> None:
     for i in indices:
         if not start <= i < current:
             raise ValueError(f"relocate index {i} outside [{start}, {current})")
+
+
+def save_tail(cache: DynamicCache, start: int) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
+    """Copies of every layer's entries from `start` on: what `restore_tail` puts back after a failed step."""
+    saved: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+    for layer in cache.layers:
+        if layer.is_initialized and layer.get_seq_length() > 0:
+            saved.append((layer.keys[..., start:, :].clone(), layer.values[..., start:, :].clone()))
+        else:
+            saved.append(None)
+    return saved
+
+
+def restore_tail(cache: DynamicCache, start: int, saved: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
+    """Undo whatever happened to entries >= `start` since `save_tail(cache, start)`; entries before it are untouched.
+
+    Layers the failed step created (a DynamicCache grows its layer list lazily) are emptied back to `start`.
+    """
+    for i, layer in enumerate(cache.layers):
+        if not layer.is_initialized:
+            continue
+        keys, values = layer.keys[..., :start, :], layer.values[..., :start, :]
+        tail = saved[i] if i < len(saved) else None
+        if tail is not None:
+            keys, values = torch.cat([keys, tail[0]], dim=-2), torch.cat([values, tail[1]], dim=-2)
+        layer.keys, layer.values = keys, values

@@ -21,6 +21,7 @@ from .decoding import Result
 from .decoding.lookahead import Memory
 from .decoding.strategies import STRATEGIES
 from .engine import SplitModel, Span
+from .identity import Identity, of_model
 from .models import default_device, dtype_name, load_config, resolve_dtype, resolve_model
 from .kernels import use_kernels
 from .parts import describe, load_local
@@ -79,6 +80,8 @@ class LocalSide:
         self.split = Split(num_layers, split_after, -2 if resume_at is None else resume_at)
         self.head, self.tail, self.config, held = load_local(self.model_dir, self.split, self.device, self.dtype)
         self.held = describe(held)
+        # What the cloud must compute for this split: every cloud session is checked against it (remote.py).
+        self.identity: Identity = of_model(self.model_dir, self.config, self.split.cloud_layers)
         self.kernels = kernels
         self.packed = use_kernels([self.head, self.tail], self.config, kernels, self.device, self.dtype)
         self.eos = self._eos_ids()

@@ -27,7 +27,11 @@ from typing import Any
 
 import numpy as np
 
-VERSION = 1
+# 2: `opened` states the cloud span's identity (splitinfer/identity.py), checked by the local side.
+VERSION = 2
+# Versions whose error frame has the layout `error` writes (v, op, session, step, code, message, tensors): a peer
+# speaking one of them is refused in its own version, so that it reads a typed "version" error, not garbage.
+ERROR_READABLE_BY = frozenset({1, 2})
 
 # Requests (local -> cloud) and replies (cloud -> local).
 REQUESTS = frozenset({"open", "forward", "crop", "relocate", "close"})
@@ -45,10 +49,11 @@ _LEN = struct.Struct(">I")
 class ProtocolError(ValueError):
     """Anything wrong with a frame.  `code` is stable and machine-readable; the message says what and why."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, peer_version: int | None = None):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.peer_version = peer_version  # set on a "version" error: the version the frame was written in
 
 
 @dataclass
@@ -72,9 +77,9 @@ class Frame:
 # ---------------------------------------------------------------------------- encode
 
 
-def encode(header: dict[str, Any], tensors: dict[str, np.ndarray] | None = None) -> bytes:
+def encode(header: dict[str, Any], tensors: dict[str, np.ndarray] | None = None, *, version: int = VERSION) -> bytes:
     """Frame bytes for `header` (without its tensor table, which is filled in here) and `tensors`."""
-    header = {"v": VERSION, **header}
+    header = {"v": version, **header}
     table, chunks, offset = [], [], 0
     for name, array in (tensors or {}).items():
         dtype = _dtype_name(array.dtype)
@@ -95,9 +100,16 @@ def _dtype_name(dtype: np.dtype) -> str:
     raise ProtocolError("bad_dtype", f"cannot send {dtype} tensors")
 
 
-def error(code: str, message: str, step: int | None = None, session: str | None = None) -> bytes:
-    """An error reply: typed code and a human message, never a traceback."""
-    return encode({"op": "error", "session": session, "step": step, "code": code, "message": message})
+def error(
+    code: str, message: str, step: int | None = None, session: str | None = None, *, version: int | None = None
+) -> bytes:
+    """An error reply: typed code and a human message, never a traceback.
+
+    `version` is the peer's, when its frame was refused for speaking another one: the reply is
+    written in it if its error frames look like ours (ERROR_READABLE_BY), else in ours.
+    """
+    version = version if version in ERROR_READABLE_BY else VERSION
+    return encode({"op": "error", "session": session, "step": step, "code": code, "message": message}, version=version)
 
 
 # ---------------------------------------------------------------------------- decode
@@ -113,8 +125,13 @@ def header_length(prefix: bytes) -> int:
     return n
 
 
-def decode(data: bytes, *, max_frame_bytes: int = MAX_FRAME_BYTES, replies: bool = False) -> Frame:
-    """Parse and validate one frame; raise ProtocolError on anything malformed."""
+def decode(
+    data: bytes, *, max_frame_bytes: int = MAX_FRAME_BYTES, replies: bool = False, version: int = VERSION
+) -> Frame:
+    """Parse and validate one frame; raise ProtocolError on anything malformed.
+
+    `version` is the one expected; only a reader of an older peer's frames (a test, a tool) changes it.
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise ProtocolError("bad_frame", "frames are binary messages")
     data = bytes(data)
@@ -123,20 +140,25 @@ def decode(data: bytes, *, max_frame_bytes: int = MAX_FRAME_BYTES, replies: bool
     n = header_length(data)
     if len(data) < 4 + n:
         raise ProtocolError("truncated", f"header declares {n} bytes, only {len(data) - 4} follow")
-    header = _parse_header(data[4 : 4 + n], replies)
+    header = _parse_header(data[4 : 4 + n], replies, version)
     payload = memoryview(data)[4 + n :]
     return Frame(header, _read_tensors(header["tensors"], payload))
 
 
-def _parse_header(raw: bytes, replies: bool) -> dict[str, Any]:
+def _parse_header(raw: bytes, replies: bool, version: int) -> dict[str, Any]:
     try:
         header = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # ValueError: bad JSON, huge ints
         raise ProtocolError("bad_header", f"header is not UTF-8 JSON ({exc})") from None
     if not isinstance(header, dict):
         raise ProtocolError("bad_header", "header must be a JSON object")
-    if header.get("v") != VERSION:
-        raise ProtocolError("version", f"protocol version {header.get('v')!r}, this side speaks {VERSION}")
+    peer = header.get("v")
+    if peer != version:
+        raise ProtocolError(
+            "version",
+            f"the peer speaks protocol version {peer!r}, this side speaks version {version}",
+            peer if _is_int(peer, 0) else None,
+        )
     ops = REPLIES if replies else REQUESTS
     if header.get("op") not in ops:
         raise ProtocolError("unknown_op", f"op {header.get('op')!r} is not one of {sorted(ops)}")

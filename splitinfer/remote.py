@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from websockets.sync.client import ClientConnection, connect
 
 from . import protocol
+from .identity import Identity
 from .protocol import ProtocolError
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,8 @@ def to_wire(t: torch.Tensor) -> np.ndarray:
 
 
 # Errors that mean the session or its connection is gone (not that the request was wrong): a
-# RemoteSpan answers them by reconnecting, opening a new session and replaying its cache.
+# RemoteSpan answers them by reconnecting, opening a new session and replaying its cache.  Never
+# "mismatch" nor "version": a cloud that computes something else must not get a replay.
 SESSION_LOST = frozenset({"disconnected", "unknown_session", "timeout", "unreachable"})
 # While reconnecting, a full server is worth another try too: it may free a slot (an old
 # session of ours that it has not yet noticed is dead, say).
@@ -161,6 +163,8 @@ class CloudConnection:
         try:
             frame = protocol.decode(raw, max_frame_bytes=1 << 40, replies=True)
         except ProtocolError as exc:
+            if exc.code == "version":  # an older or newer cloud: say so, not "bad reply"
+                raise CloudError("version", f"{self.url}: {exc.message}") from None
             raise CloudError("bad_reply", exc.message) from None
         t3 = time.perf_counter()
         if frame.op == "error":
@@ -176,20 +180,42 @@ class CloudConnection:
         )
         return frame, timing
 
-    def open_raw(self) -> tuple[str, dict[str, Any]]:
-        """Open a session; returns its id and the server's limits."""
+    def open_raw(self, *, expected: Identity | None) -> tuple[str, dict[str, Any]]:
+        """Open a session; returns its id and the server's limits.
+
+        `expected` is what the cloud must compute (LocalSide.identity): any difference in what
+        `opened` states raises CloudError "mismatch" before a single activation is sent.  Only a
+        test or tool speaking raw protocol, with no model of its own, passes None.
+        """
         frame, _ = self.request({"op": "open", "session": None, "step": 0})
+        if expected is not None:
+            check_identity(self.url, frame.header.get("identity"), expected)
         limits = frame.header.get("limits") or {}
         if isinstance(limits.get("max_frame_bytes"), int):
             self.max_frame_bytes = limits["max_frame_bytes"]
         return frame.session, limits
 
-    def open_session(self, reconnect_timeout: float | None = RECONNECT_TIMEOUT_S) -> "RemoteSpan":
-        session, limits = self.open_raw()
-        return RemoteSpan(self, session, limits, reconnect_timeout=reconnect_timeout)
+    def open_session(
+        self, *, expected: Identity | None, reconnect_timeout: float | None = RECONNECT_TIMEOUT_S
+    ) -> "RemoteSpan":
+        session, limits = self.open_raw(expected=expected)
+        return RemoteSpan(self, session, limits, expected=expected, reconnect_timeout=reconnect_timeout)
 
     def close(self) -> None:
         self._stack.close()
+
+
+def check_identity(url: str, stated: Any, expected: Identity) -> None:
+    """Refuse a cloud whose stated identity differs from `expected`: CloudError "mismatch" names each difference."""
+    if stated is None:
+        raise CloudError("mismatch", f"{url} does not state which layers and weights it holds")
+    try:
+        found = Identity.from_json(stated)
+    except ValueError as exc:
+        raise CloudError("bad_reply", f"{url} stated a malformed identity: {exc}") from None
+    differences = found.differences(expected)
+    if differences:
+        raise CloudError("mismatch", f"{url} computes something else: {'; '.join(differences)}")
 
 
 class _Record:
@@ -253,7 +279,9 @@ class RemoteSpan:
     final offset, so its rotary rows are already the right ones): a chain mask
     rebuilds exactly the cache that the original steps built.  If the cloud stays
     unreachable for `reconnect_timeout` seconds the request fails with CloudError
-    code "unreachable"; None (or 0) turns recovery off.
+    code "unreachable"; None (or 0) turns recovery off.  A new session whose cloud
+    states another identity than `expected` (restarted with other layers or weights)
+    fails with "mismatch" instead: nothing is replayed into it.
     """
 
     def __init__(
@@ -262,9 +290,11 @@ class RemoteSpan:
         session: str,
         limits: dict[str, int],
         *,
+        expected: Identity | None,
         reconnect_timeout: float | None = RECONNECT_TIMEOUT_S,
     ):
         self.conn, self.session, self.limits = conn, session, limits
+        self.expected = expected  # checked again on every session a reconnect opens
         self.max_step_tokens = int(limits.get("max_step_tokens", 512))
         self.reconnect_timeout = reconnect_timeout
         self._step = 0
@@ -365,10 +395,12 @@ class RemoteSpan:
         conn = old.reconnect(open_timeout)
         self.conn, self._owns_conn = conn, True
         try:
-            self.session, self.limits = conn.open_raw()
+            self.session, self.limits = conn.open_raw(expected=self.expected)
         except CloudError as exc:
             if exc.code == "limit":  # full, perhaps still holding our lost session: worth another try
                 raise CloudError("busy", f"no session slot free ({exc.message})") from None
+            if exc.code == "mismatch":  # the cloud came back as something else: a replay would diverge silently
+                raise CloudError("mismatch", f"after reconnecting, {exc.message}") from None
             raise
         if conn.max_frame_bytes is None:
             conn.max_frame_bytes = old_limit
@@ -397,16 +429,22 @@ class RemoteSpan:
 
 @contextmanager
 def cloud_session(
-    url: str, token: str | None = None, *, reconnect_timeout: float | None = RECONNECT_TIMEOUT_S
+    url: str,
+    token: str | None = None,
+    *,
+    expected: Identity | None,
+    reconnect_timeout: float | None = RECONNECT_TIMEOUT_S,
 ) -> Iterator[RemoteSpan]:
     """A connection and one session on it, both closed on exit (Petals' `inference_session` shape).
 
     The session survives a lost connection or session (see RemoteSpan); the first
     connection, though, must succeed, so a wrong address or token fails at once.
+    `expected` (LocalSide.identity) is checked on the first session and on every
+    session a reconnect opens (see CloudConnection.open_raw).
     """
     conn = CloudConnection(url, token)
     try:
-        span = conn.open_session(reconnect_timeout)
+        span = conn.open_session(expected=expected, reconnect_timeout=reconnect_timeout)
         try:
             yield span
         finally:

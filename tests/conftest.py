@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2
 
 from splitinfer.config import Split
 from splitinfer.engine import InProcessSpan, SplitModel
+from splitinfer.identity import Identity, of_model
 from splitinfer.models import load_config, resolve_model
 from splitinfer.parts import load_cloud, load_local
 
@@ -53,6 +54,13 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def default_model() -> Path:
     return resolve_model(None)
+
+
+def cloud_identity(model_dir: Path, cloud_layers: range | None = None) -> Identity:
+    """What a local side on `model_dir` expects of its cloud (by default the cloud's default layers 2..L-3)."""
+    config = load_config(model_dir)
+    layers = Split(config.num_hidden_layers).cloud_layers if cloud_layers is None else cloud_layers
+    return of_model(model_dir, config, layers)
 
 
 def split_model(model_dir: Path, split_after: int = 1, resume_at: int = -2, dtype=torch.float32) -> SplitModel:

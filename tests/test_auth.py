@@ -30,6 +30,8 @@ from splitinfer.cloud.server import _token_ok, is_loopback
 from splitinfer.procs import ROOT, cloud_process
 from splitinfer.remote import CloudConnection, CloudError, cloud_session, ws_url
 
+from conftest import cloud_identity
+
 TOKEN = secrets.token_urlsafe(24)
 
 
@@ -41,7 +43,9 @@ def cloud(tiny_llama, tmp_path_factory):
     token_file.chmod(0o600)
     log = d / "cloud.log"
     with cloud_process(tiny_llama, threads=1, extra=["--auth-token-file", str(token_file)], log_file=log) as (url, proc):
-        yield SimpleNamespace(url=url, ws=ws_url(url), proc=proc, log=log, token_file=token_file)
+        yield SimpleNamespace(
+            url=url, ws=ws_url(url), proc=proc, log=log, token_file=token_file, identity=cloud_identity(tiny_llama)
+        )
 
 
 def forward(span, q: int = 2) -> torch.Tensor:
@@ -67,7 +71,7 @@ def test_no_token_is_refused_at_the_handshake(cloud):
         CloudConnection(cloud.ws)
     assert e.value.code == "auth" and "401" in str(e.value)
     with pytest.raises(CloudError) as e:
-        with cloud_session(cloud.ws):
+        with cloud_session(cloud.ws, expected=cloud.identity):
             pass
     assert e.value.code == "auth"
 
@@ -93,7 +97,7 @@ def test_wrong_tokens_are_refused_at_the_handshake(cloud, authorization):
 @pytest.mark.slow
 def test_wrong_token_is_a_clear_cloud_error(cloud):
     with pytest.raises(CloudError) as e:
-        with cloud_session(cloud.ws, "not-the-token"):
+        with cloud_session(cloud.ws, "not-the-token", expected=cloud.identity):
             pass
     assert e.value.code == "auth" and "missing or wrong token" in str(e.value)
 
@@ -101,7 +105,7 @@ def test_wrong_token_is_a_clear_cloud_error(cloud):
 @pytest.mark.slow
 def test_right_token_works(cloud):
     assert handshake_status(cloud.ws, f"Bearer {TOKEN}") == 101
-    with cloud_session(cloud.ws, cli.read_token(cloud.token_file)) as span:
+    with cloud_session(cloud.ws, cli.read_token(cloud.token_file), expected=cloud.identity) as span:
         assert forward(span).shape == (1, 2, 64)
         assert forward(span, 1).shape == (1, 1, 64)
 
@@ -116,7 +120,7 @@ def test_refusals_are_logged_and_the_token_never_is(cloud):
 
 @pytest.mark.slow
 def test_another_connections_session_is_unknown(cloud):
-    with cloud_session(cloud.ws, TOKEN) as mine:
+    with cloud_session(cloud.ws, TOKEN, expected=cloud.identity) as mine:
         forward(mine)
         thief = CloudConnection(cloud.ws, TOKEN)  # authenticated, but not the session's connection
         try:
@@ -144,7 +148,7 @@ def test_another_connections_session_is_unknown(cloud):
 
 @pytest.mark.slow
 def test_health_hides_sessions_without_the_token(cloud):
-    with cloud_session(cloud.ws, TOKEN):
+    with cloud_session(cloud.ws, TOKEN, expected=cloud.identity):
         for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
             body = requests.get(f"{cloud.url}/health", headers=headers, timeout=5).json()
             assert body["status"] == "ok" and body["auth_required"] is True
@@ -190,7 +194,7 @@ def test_server_and_client_take_the_token_from_the_environment(tiny_llama, monke
         with pytest.raises(CloudError) as e:
             CloudConnection(ws_url(url))
         assert e.value.code == "auth"
-        with cloud_session(ws_url(url), cli.read_token(None)) as span:
+        with cloud_session(ws_url(url), cli.read_token(None), expected=cloud_identity(tiny_llama)) as span:
             assert forward(span).shape == (1, 2, 64)
 
 
@@ -248,15 +252,17 @@ def test_the_client_speaks_wss_through_a_tls_proxy(cloud, tmp_path, monkeypatch)
         with pytest.raises(CloudError) as e:
             CloudConnection(url, "wrong")
         assert e.value.code == "auth"
-        with cloud_session(url, TOKEN) as span:
+        with cloud_session(url, TOKEN, expected=cloud.identity) as span:
             assert forward(span).shape == (1, 2, 64)
 
 
 def test_read_token(tmp_path, monkeypatch):
     monkeypatch.delenv(cli.TOKEN_ENV, raising=False)
     assert cli.read_token(None) is None
-    monkeypatch.setenv(cli.TOKEN_ENV, "  ")
-    assert cli.read_token(None) is None  # an empty variable is no token
+    for blank in ("", "  ", "\t\n"):  # set but blank: refused, never a silent "no authentication"
+        monkeypatch.setenv(cli.TOKEN_ENV, blank)
+        with pytest.raises(SystemExit, match="set but blank"):
+            cli.read_token(None)
     monkeypatch.setenv(cli.TOKEN_ENV, "env-token")
     assert cli.read_token(None) == "env-token"
     f = tmp_path / "token"
@@ -291,3 +297,17 @@ def test_opened_reply_states_the_limits(cloud):
         assert set(frame.header["limits"]) >= {"max_context", "max_step_tokens", "max_frame_bytes", "idle_seconds"}
     finally:
         conn.close()
+
+
+@pytest.mark.slow
+def test_cloud_refuses_to_start_with_a_blank_token_variable(tiny_llama):
+    """The real process: a set-but-blank $SPLITINFER_AUTH_TOKEN stops start-up instead of serving without auth."""
+    import os
+    import sys
+
+    env = {**os.environ, cli.TOKEN_ENV: "   "}
+    cmd = [sys.executable, str(ROOT / "cloud_server_kv.py"), "--model", str(tiny_llama), "--port", "1", "--ws-port", "2"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "set but blank" in done.stderr
+    assert "Traceback" not in done.stderr

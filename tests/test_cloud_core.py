@@ -145,3 +145,42 @@ def test_close_expire_and_drop(core):
 def test_unknown_session(core):
     r = fwd(core, "f" * 32, 1, 1)
     assert r.op == "error" and r.header["code"] == "unknown_session"
+
+
+def test_a_refused_overflow_undoes_the_edits_that_rode_on_it(core):
+    """A forward refused for float16 overflow leaves the session exactly as it was, edits included."""
+    sid = open_session(core)
+    fwd(core, sid, 1, 4)
+    fwd(core, sid, 2, 3, mask=[[1, 0, 0], [1, 1, 0], [1, 0, 1]])  # a small tree at 4..6
+    session = core.sessions[sid]
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in session.cache.layers if layer.is_initialized]
+    edits = [{"op": "relocate", "start": 4, "indices": [4, 6]}]
+
+    real = core.span
+    core.span = lambda *args: real(*args) * 1e6  # the layers' output no longer fits in float16
+    refused = fwd(core, sid, 3, 2, edits=edits, seed=1)
+    core.span = real
+    assert refused.op == "error" and refused.header["code"] == "overflow"
+    after = [(layer.keys, layer.values) for layer in session.cache.layers if layer.is_initialized]
+    assert session.length == 7 and len(after) == len(before)
+    for (k0, v0), (k1, v1) in zip(before, after):
+        assert torch.equal(k0, k1) and torch.equal(v0, v1)
+
+    # The same frame again now succeeds, exactly as on a session that never saw the refused one.
+    retried = fwd(core, sid, 4, 2, edits=edits, seed=1)
+    twin = open_session(core, conn=2)
+    fwd(core, twin, 1, 4, conn=2)
+    fwd(core, twin, 2, 3, conn=2, mask=[[1, 0, 0], [1, 1, 0], [1, 0, 1]])
+    reference = fwd(core, twin, 3, 2, conn=2, edits=edits, seed=1)
+    assert retried.header["cache_len"] == reference.header["cache_len"] == 8
+    assert np.array_equal(retried.tensors["hidden"], reference.tensors["hidden"])
+
+
+def test_a_refused_first_forward_leaves_an_empty_cache(core):
+    sid = open_session(core)
+    real = core.span
+    core.span = lambda *args: real(*args) * 1e6
+    assert fwd(core, sid, 1, 3).header["code"] == "overflow"
+    core.span = real
+    assert core.sessions[sid].length == 0
+    assert fwd(core, sid, 2, 3).header["cache_len"] == 3

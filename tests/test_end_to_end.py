@@ -64,7 +64,7 @@ def test_default_model_matches_hf_generate(cloud, local, default_model):
     for prompt in PROMPTS:
         ids = local.encode(prompt)
         want = hf_greedy(default_model, ids, 64, eos=2)
-        with cloud_session(ws_url(cloud)) as span:
+        with cloud_session(ws_url(cloud), expected=local.identity) as span:
             got = local.generate(span, ids, 64).token_ids
         assert got == want, prompt
 
@@ -76,7 +76,7 @@ def raw_request(ws, data: bytes) -> protocol.Frame:
 
 def test_hostile_frames_get_typed_errors_and_the_server_keeps_serving(cloud, local):
     ids = local.encode(PROMPTS[0])
-    with cloud_session(ws_url(cloud)) as span:
+    with cloud_session(ws_url(cloud), expected=local.identity) as span:
         before = local.generate(span, ids, 16).token_ids
     with connect(ws_url(cloud), proxy=None, compression=None, max_size=None) as ws:
         nan = np.zeros((1, 1, 576), np.float16)
@@ -101,7 +101,7 @@ def test_hostile_frames_get_typed_errors_and_the_server_keeps_serving(cloud, loc
         wrong_shape = {"hidden": np.zeros((1, 2, 575), np.float16), "cos": np.zeros((1, 2, 64), np.float16), "sin": np.zeros((1, 2, 64), np.float16)}
         r = raw_request(ws, protocol.encode({"op": "forward", "session": sid, "step": 1}, wrong_shape))
         assert r.header["code"] == "bad_shape"
-    with cloud_session(ws_url(cloud)) as span:
+    with cloud_session(ws_url(cloud), expected=local.identity) as span:
         assert local.generate(span, ids, 16).token_ids == before
 
 
@@ -123,9 +123,9 @@ def test_interactive_one_shot_json(cloud, default_model):
 def test_speculative_modes_equal_sequential_on_the_default_model(cloud, local, mode):
     for prompt in PROMPTS[:2]:
         ids = local.encode(prompt)
-        with cloud_session(ws_url(cloud)) as span:
+        with cloud_session(ws_url(cloud), expected=local.identity) as span:
             want = local.generate(span, ids, 48).token_ids
-        with cloud_session(ws_url(cloud)) as span:
+        with cloud_session(ws_url(cloud), expected=local.identity) as span:
             got = local.generate(span, ids, 48, mode)
         assert got.token_ids == want, prompt
         assert got.steps == len(got.per_step) and sum(got.per_step) == len(want) - 1
@@ -134,7 +134,7 @@ def test_speculative_modes_equal_sequential_on_the_default_model(cloud, local, m
 def test_one_request_and_one_reply_per_lookahead_step(cloud, local):
     """Count the WebSocket messages on the real socket: open + prefill + one per step + close, each answered."""
     ids = local.encode("List the numbers from one to twenty, separated by commas.")
-    with cloud_session(ws_url(cloud)) as span:
+    with cloud_session(ws_url(cloud), expected=local.identity) as span:
         counts = {"sent": 0, "received": 0}
         ws = span.conn.ws
         send, recv = ws.send, ws.recv

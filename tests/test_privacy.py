@@ -59,7 +59,7 @@ def recorded(default_model, local):
         with wiretap.RecordingProxy(upstream) as proxy:
             for prompt in PROMPTS:
                 ids = local.encode(prompt)
-                with cloud_session(f"ws://127.0.0.1:{proxy.port}") as span:
+                with cloud_session(f"ws://127.0.0.1:{proxy.port}", expected=local.identity) as span:
                     gen = local.generate(span, ids, MAX_NEW)
                 runs.append({"prompt": prompt, "ids": ids, "generated": gen.token_ids, "text": gen.text})
             captures = proxy.snapshot()

@@ -13,7 +13,7 @@ SID = "0123456789abcdef0123456789abcdef"
 
 # The worked example of docs/protocol.md: a 1-token forward on a toy model (hidden 4, head_dim 2).
 HEADER = (
-    b'{"v":1,"op":"forward","session":"0123456789abcdef0123456789abcdef","step":7,"tensors":['
+    b'{"v":2,"op":"forward","session":"0123456789abcdef0123456789abcdef","step":7,"tensors":['
     b'{"name":"hidden","dtype":"float16","shape":[1,1,4],"offset":0,"nbytes":8},'
     b'{"name":"cos","dtype":"float16","shape":[1,1,2],"offset":8,"nbytes":4},'
     b'{"name":"sin","dtype":"float16","shape":[1,1,2],"offset":12,"nbytes":4},'
@@ -70,6 +70,28 @@ def test_error_reply_shape():
     assert frame.header["code"] == "limit" and frame.header["message"] == "too many" and frame.step == 3
 
 
+# What a version-1 peer gets back for its frame: an error frame of version 1 (the layout of docs/protocol.md, v1).
+V1_VERSION_ERROR = (
+    b'{"v":1,"op":"error","session":null,"step":null,"code":"version",'
+    b'"message":"the peer speaks protocol version 1, this side speaks version 2","tensors":[]}'
+)
+
+
+def test_a_peer_of_another_version_is_answered_in_its_own():
+    with pytest.raises(ProtocolError) as e:
+        protocol.decode(with_header({**BASE, "v": 1, "tensors": []}))
+    assert e.value.code == "version" and e.value.peer_version == 1
+    reply = protocol.error(e.value.code, e.value.message, version=e.value.peer_version)
+    assert reply == struct.pack(">I", len(V1_VERSION_ERROR)) + V1_VERSION_ERROR
+    assert protocol.decode(reply, replies=True, version=1).header["code"] == "version"
+    # A version whose error frame is unknown (or no version at all) is answered in ours.
+    for v in (7, "2", None):
+        with pytest.raises(ProtocolError) as e:
+            protocol.decode(with_header({**BASE, "v": v, "tensors": []}))
+        reply = protocol.error(e.value.code, e.value.message, version=e.value.peer_version)
+        assert protocol.decode(reply, replies=True).header["code"] == "version"
+
+
 def with_header(header: dict, payload: bytes = b"") -> bytes:
     raw = json.dumps(header).encode()
     return struct.pack(">I", len(raw)) + raw + payload
@@ -80,7 +102,7 @@ def hidden_entry(**over):
     return {**entry, **over}
 
 
-BASE = {"v": 1, "op": "forward", "session": SID, "step": 1}
+BASE = {"v": 2, "op": "forward", "session": SID, "step": 1}
 
 
 @pytest.mark.parametrize(
@@ -93,7 +115,9 @@ BASE = {"v": 1, "op": "forward", "session": SID, "step": 1}
         (b"\x00\x00\x00\x03abc", "bad_header"),
         (b"\x00\x00\x00\x02\xff\xfe", "bad_header"),
         (with_header([1, 2]), "bad_header"),  # type: ignore[arg-type]
-        (with_header({**BASE, "v": 2, "tensors": []}), "version"),
+        (with_header({**BASE, "v": 1, "tensors": []}), "version"),
+        (with_header({**BASE, "v": 3, "tensors": []}), "version"),
+        (with_header({**BASE, "v": "2", "tensors": []}), "version"),
         (with_header({**BASE, "op": "explode", "tensors": []}), "unknown_op"),
         (with_header({**BASE, "session": "../etc", "tensors": []}), "bad_header"),
         (with_header({**BASE, "step": -1, "tensors": []}), "bad_header"),

@@ -40,6 +40,8 @@ from splitinfer.procs import ROOT, free_port, wait_healthy
 from splitinfer.remote import CloudError, RemoteSpan, WireTiming, cloud_session
 from splitinfer.wan import Forward, Link, WanEmulator
 
+from conftest import cloud_identity
+
 TINY_PROMPT = [5, 6, 7, 8, 9] * 4 + [10, 11]  # repetitive, so lookahead finds guesses and relocates paths
 MODES = ["sequential", "lookahead", "jacobi"]
 
@@ -50,6 +52,7 @@ class TinySide:
     def __init__(self, model_dir: Path):
         split = Split(load_config(model_dir).num_hidden_layers)  # cloud 2..L-3, as the server's default
         self.head, self.tail, _, _ = load_local(model_dir, split, "cpu", torch.float32)
+        self.identity = cloud_identity(model_dir, split.cloud_layers)
 
     def generate(self, span, prompt: list[int], n: int, mode: str = "sequential", on_tokens=None, **options) -> list[int]:
         lm = SplitModel(self.head, self.tail, span, torch.float32)
@@ -113,8 +116,10 @@ class CoreLink:
             raise CloudError(frame.header["code"], frame.header["message"])
         return frame, WireTiming(0.0, 0.0, 0.0, 0, 0)
 
-    def open_raw(self):
+    def open_raw(self, *, expected):
         frame, _ = self.request({"op": "open", "session": None, "step": 0})
+        if expected is not None:
+            remote.check_identity(self.url, frame.header.get("identity"), expected)
         return frame.session, frame.header["limits"]
 
     def reconnect(self, open_timeout=None):
@@ -140,7 +145,8 @@ def one_torch_thread():
 def tiny_core(tiny_llama):
     span, config, _ = load_cloud(tiny_llama, Split(6), "cpu", torch.float32)
     # A small step limit makes the prefill and every replay several chunks.
-    return CloudCore(span, config, "cpu", torch.float32, Limits(max_step_tokens=16, max_context=512))
+    limits = Limits(max_step_tokens=16, max_context=512)
+    return CloudCore(span, config, "cpu", torch.float32, limits, cloud_identity(tiny_llama))
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +167,8 @@ def settled(core: CloudCore, span: RemoteSpan):
 
 def span_on(core, fault=lambda: None, refuse=lambda: False) -> RemoteSpan:
     link = CoreLink(core, fault, refuse)
-    session, limits = link.open_raw()
-    return RemoteSpan(link, session, limits, reconnect_timeout=30.0)
+    session, limits = link.open_raw(expected=core.identity)
+    return RemoteSpan(link, session, limits, expected=core.identity, reconnect_timeout=30.0)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -270,7 +276,7 @@ def tiny_cloud(tiny_llama, tmp_path_factory):
 def test_wan_link_cut_mid_generation(tiny_cloud, tiny_side, mode):
     with WanEmulator(Link(), [Forward(0, "127.0.0.1", tiny_cloud.port + 1)]).running() as wan:
         url = f"ws://127.0.0.1:{wan.addresses[0][1]}"
-        with cloud_session(url) as span:
+        with cloud_session(url, expected=tiny_side.identity) as span:
             want = tiny_side.generate(span, TINY_PROMPT, 100, mode)
         cuts = {20, 50, 80}
 
@@ -279,7 +285,7 @@ def test_wan_link_cut_mid_generation(tiny_cloud, tiny_side, mode):
                 cuts.discard(min(cuts))
                 wan.cut()
 
-        with cloud_session(url) as span:
+        with cloud_session(url, expected=tiny_side.identity) as span:
             got = tiny_side.generate(span, TINY_PROMPT, 100, mode, on_tokens=cut)
         assert got == want
         assert span.recoveries == 3
@@ -290,7 +296,7 @@ def test_wan_link_cut_mid_generation(tiny_cloud, tiny_side, mode):
 def test_session_expiry_mid_generation(tiny_llama, tiny_side, tmp_path):
     cloud = Cloud(tiny_llama, ["--idle-timeout", "1"], tmp_path / "cloud.log").start()
     try:
-        with cloud_session(cloud.ws) as span:
+        with cloud_session(cloud.ws, expected=tiny_side.identity) as span:
             want = tiny_side.generate(span, TINY_PROMPT, 60, "lookahead")
         paused = []
 
@@ -300,7 +306,7 @@ def test_session_expiry_mid_generation(tiny_llama, tiny_side, tmp_path):
                 time.sleep(2.5)  # idle past the timeout: the server drops the session and frees its cache
                 assert cloud.sessions_open() == 0
 
-        with cloud_session(cloud.ws) as span:
+        with cloud_session(cloud.ws, expected=tiny_side.identity) as span:
             got = tiny_side.generate(span, TINY_PROMPT, 60, "lookahead", on_tokens=pause)
         assert got == want and span.recoveries >= 1
         assert "expired 1 idle session" in (tmp_path / "cloud.log").read_text()
@@ -319,14 +325,14 @@ def test_a_cloud_that_stays_down_fails_within_the_reconnect_timeout(tiny_llama, 
             killed.append(time.monotonic())
 
     try:
-        with cloud_session(cloud.ws, reconnect_timeout=2.0) as span:
+        with cloud_session(cloud.ws, expected=tiny_side.identity, reconnect_timeout=2.0) as span:
             with pytest.raises(CloudError) as e:
                 tiny_side.generate(span, TINY_PROMPT, 100, on_tokens=kill)
         elapsed = time.monotonic() - killed[0]
         assert e.value.code == "unreachable" and "gave up" in str(e.value)
         assert 2.0 <= elapsed < 6.0, elapsed
         with pytest.raises(CloudError) as e:  # and a new session fails at once
-            with cloud_session(cloud.ws):
+            with cloud_session(cloud.ws, expected=tiny_side.identity):
                 pass
         assert e.value.code == "unreachable"
     finally:
@@ -358,13 +364,13 @@ def test_cloud_killed_and_restarted_mid_generation(default_cloud, default_side, 
         # so without them whether (and when) a relocation happens would depend on the CPU.
         return {"max_verify": 16, "memory": Memory()} if mode == "lookahead" else {}
 
-    with cloud_session(default_cloud.ws) as span:
+    with cloud_session(default_cloud.ws, expected=default_side.identity) as span:
         keeps = CountingKeeps(span)
         want = default_side.generate(span, ids, 40, mode, **options()).token_ids
     assert mode == "sequential" or keeps.count >= 2, "the prompt no longer relocates the cache: pick another"
     produced, restarted = [0], []
 
-    with cloud_session(default_cloud.ws, reconnect_timeout=180.0) as span:
+    with cloud_session(default_cloud.ws, expected=default_side.identity, reconnect_timeout=180.0) as span:
         keeps = CountingKeeps(span)
 
         def kill_and_restart(chunk):

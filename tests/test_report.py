@@ -7,7 +7,7 @@ import pytest
 from splitinfer.experiments import report
 from splitinfer.procs import ROOT
 
-DOCS = [ROOT / "README.md", ROOT / "paper.md", ROOT / "docs" / "privacy.md"]
+DOCS = [ROOT / "README.md", ROOT / "paper.md", ROOT / "docs" / "privacy.md", ROOT / "docs" / "security.md"]
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)

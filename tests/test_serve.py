@@ -28,6 +28,7 @@ from splitinfer.decoding import run
 from splitinfer.decoding.lookahead import Memory
 from splitinfer.decoding.sampling import make_generator, probabilities, sample_token, sampling
 from splitinfer.decoding.sequential import sequential
+from splitinfer.identity import Identity
 from splitinfer.procs import ROOT, cloud_process, free_port, wait_healthy
 from splitinfer.serve import api
 from splitinfer.serve.api import APIError
@@ -276,6 +277,7 @@ def fake_local(eos: frozenset[int] = frozenset(), sharpness: float = 3.0, lm=Non
         models=models,
         split=Split(6, 1, -2),
         memory=Memory(),
+        identity=Identity(64, 4, 2, 16, 6, 2, 3, "0" * 64),  # what a real LocalSide computes from its files
     )
 
 
@@ -434,7 +436,7 @@ def test_app_reports_cloud_failures_in_the_openai_shape(monkeypatch):
     r = web.post("/v1/chat/completions", json={"messages": MSG, "max_tokens": 10})
     assert r.status_code == 502 and r.json["error"]["code"] == "cloud_disconnected"
     assert service.counts == {"active": 0, "completed": 0, "cancelled": 0, "failed": 2}
-    assert web.post("/v1/chat/completions", data="[").json["error"]["code"] == "invalid_json"
+    assert web.post("/v1/chat/completions", data="[", content_type="application/json").json["error"]["code"] == "invalid_json"
     assert web.delete("/v1/models").status_code == 405
 
 
@@ -699,7 +701,10 @@ def test_bad_requests_get_openai_shaped_400s(servers):
 
     for endpoint, body, param, code in BAD:
         url = f"{servers.url}/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}"
-        r = requests.post(url, data=body, timeout=10) if isinstance(body, str) else requests.post(url, json=body, timeout=10)
+        if isinstance(body, str):
+            r = requests.post(url, data=body, headers={"Content-Type": "application/json"}, timeout=10)
+        else:
+            r = requests.post(url, json=body, timeout=10)
         assert r.status_code == 400, (body, r.text)
         error = r.json()["error"]
         assert set(error) == {"message", "type", "param", "code"} and error["message"]
@@ -780,5 +785,6 @@ def test_reconnect_timeout_flag_reaches_every_cloud_session(monkeypatch):
     monkeypatch.setattr(service_module, "cloud_session", lambda url, token, **kw: seen.append(kw))
     from splitinfer.serve.service import Service
 
-    Service(fake_local(), "ws://127.0.0.1:9", reconnect_timeout=2.5).session()
-    assert seen == [{"reconnect_timeout": 2.5}]
+    local = fake_local()
+    Service(local, "ws://127.0.0.1:9", reconnect_timeout=2.5).session()
+    assert seen == [{"expected": local.identity, "reconnect_timeout": 2.5}]  # and the identity every session checks

@@ -10,6 +10,12 @@ Security (see docs/security.md): with a token, the WebSocket handshake needs
 `Authorization: Bearer <token>` (compared in constant time) or is refused with
 HTTP 401 before any frame is read; /health hides sessions and tensor names
 without it.  Every malformed frame gets a typed error reply, never a traceback.
+
+Strangers' connections are bounded (admission.py): the open-file limit is raised
+to its hard limit and shared out so that neither port's strangers can use the
+descriptors authenticated connections need; /health runs on waitress
+(webserver.py), which caps and times out its connections; refusals are logged
+rate-limited, so nobody can flood the log.
 """
 
 from __future__ import annotations
@@ -27,10 +33,22 @@ from typing import Any
 from flask import Flask, jsonify, request
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
-from werkzeug.serving import make_server
+from websockets.http11 import Request, Response
 
 from .. import protocol
 from ..protocol import ProtocolError
+from ..webserver import HttpLimits, RateLimitedLog, create_http_server, raise_open_file_limit
+from .admission import (
+    HANDSHAKE_TIMEOUT_S,
+    PENDING_HANDSHAKES,
+    WS_ACCEPT_BURST,
+    Descriptors,
+    PendingHandshakes,
+    close_if_failed,
+    counted_connection,
+    open_file_limit,
+    plan_descriptors,
+)
 from .sessions import CloudCore
 
 log = logging.getLogger(__name__)
@@ -63,6 +81,33 @@ def _token_ok(header: str | None, token: str | None) -> bool:
     return hmac.compare_digest(given, f"Bearer {token}".encode())
 
 
+def auth_refusal(headers: list[str], token: str | None) -> str | None:
+    """Why the Authorization headers of a handshake do not authorise it; None when they do."""
+    if token is None:
+        return None
+    if not headers:
+        return "no token"
+    if len(headers) > 1:  # which one would count is ambiguous, and proxies disagree: neither
+        return "several Authorization headers"
+    return None if _token_ok(headers[0], token) else "a wrong token"
+
+
+# Seconds an HTTP connection may sit idle (or take to send its request) on the /health port.  waitress
+# closes it within this plus its cleanup interval, 25 s by default.
+HTTP_IDLE_TIMEOUT_S = HttpLimits().idle_timeout
+
+
+def health_limits(connections: int, idle_timeout: int = HTTP_IDLE_TIMEOUT_S) -> HttpLimits:
+    """The /health port's limits: a few threads (the answer is a small dict), `connections` at once."""
+    return HttpLimits(
+        threads=4,
+        connection_limit=connections,
+        idle_timeout=idle_timeout,
+        cleanup_interval=max(1, min(5, idle_timeout // 2)),
+        max_body_bytes=4096,  # GET /health has no body
+    )
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -83,29 +128,49 @@ class CloudServer:
         self.max_connections = max_connections or 4 * core.limits.max_sessions
         self._conn_ids = itertools.count(1)
         self.connections = 0  # open WebSocket connections (only the event loop changes it)
+        # What strangers can cause is logged at most a few lines per interval (webserver.RateLimitedLog).
+        self.refusals = RateLimitedLog(log, "refused a WebSocket handshake")
+        self.closures = RateLimitedLog(log, "closed an unanswered WebSocket connection")
 
     # -- websocket -----------------------------------------------------------------
 
-    def _check_auth(self, connection: ServerConnection, req) -> Any:
+    def _check_auth(self, connection: ServerConnection, req: Request) -> Response | None:
         """websockets' process_request: refuse the handshake (no frame is ever read) unless authorised."""
-        if not _token_ok(req.headers.get("Authorization"), self.token):
-            why = "no token" if req.headers.get("Authorization") is None else "a wrong token"
-            log.warning("refused a WebSocket handshake from %s: %s (HTTP 401)", _peer(connection), why)
+        why = auth_refusal(req.headers.get_all("Authorization"), self.token)
+        if why is not None:
+            self.refusals(f"{why} (HTTP 401)", detail=f"from {_peer(connection)}")
             response = connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token\n")
             response.headers["WWW-Authenticate"] = 'Bearer realm="splitinfer"'
             return response
         if self.connections >= self.max_connections:
-            log.warning("refused a WebSocket handshake from %s: %d connections open (HTTP 503)",
-                        _peer(connection), self.connections)
+            self.refusals("at the connection limit (HTTP 503)",
+                          detail=f"from {_peer(connection)}, {self.connections} open")
             return connection.respond(http.HTTPStatus.SERVICE_UNAVAILABLE, "too many connections\n")
         return None
+
+    async def _check_before_answer(self, connection: ServerConnection, req: Request, response: Response) -> None:
+        """websockets' process_response: a connection that already failed gets no answer (admission.py)."""
+        if await close_if_failed(connection):
+            self.closures("bytes that are not WebSocket frames arrived before the handshake was answered",
+                          detail=f"from {_peer(connection)}")
+
+    def _pending_cap_reached(self) -> None:
+        self.closures("pending-handshake cap reached: closed the oldest")
 
     async def _handler(self, ws: ServerConnection) -> None:
         conn = next(self._conn_ids)
         self.connections += 1
         log.info("connection %d from %s (%d open)", conn, _peer(ws), self.connections)
         try:
-            async for message in ws:
+            while True:
+                try:
+                    # A connection silent for twice as long as a session may idle (its sessions have expired
+                    # by then) is closed, so idle peers cannot hold every connection slot; the local side
+                    # reconnects if it comes back.
+                    message = await asyncio.wait_for(ws.recv(), timeout=2 * self.core.limits.idle_seconds)
+                except TimeoutError:
+                    await ws.close(1000, "idle")
+                    break
                 reply = await asyncio.to_thread(self._reply, conn, message)
                 await ws.send(reply)
         except ConnectionClosed:
@@ -122,7 +187,8 @@ class CloudServer:
         try:
             frame = protocol.decode(message, max_frame_bytes=self.core.limits.max_frame_bytes)
         except ProtocolError as exc:
-            return protocol.error(exc.code, exc.message)
+            # A peer of another protocol version is answered in its own, so that it can read why.
+            return protocol.error(exc.code, exc.message, version=exc.peer_version)
         except (RecursionError, MemoryError, ValueError, TypeError, OverflowError) as exc:  # JSON nested too deep
             log.info("connection %d sent an undecodable frame: %s", conn, type(exc).__name__)
             return protocol.error("bad_header", "the header could not be parsed")
@@ -141,12 +207,26 @@ class CloudServer:
             except Exception:  # never let housekeeping die silently and sessions pile up
                 log.exception("expiring sessions failed")
 
-    async def serve_ws(self, host: str, port: int, ready: threading.Event | None = None) -> None:
+    async def _log_flush_loop(self) -> None:
+        """Summaries of rate-limited log lines come out even when the events that fill them stop."""
+        while True:
+            await asyncio.sleep(1.0)
+            self.refusals.flush()
+            self.closures.flush()
+
+    async def serve_ws(
+        self, host: str, port: int, ready: threading.Event | None = None, pending_cap: int = PENDING_HANDSHAKES
+    ) -> None:
+        pending = PendingHandshakes(pending_cap, self._pending_cap_reached)
         async with serve(
             self._handler,
             host,
             port,
             process_request=self._check_auth,
+            process_response=self._check_before_answer,
+            create_connection=counted_connection(pending),
+            open_timeout=HANDSHAKE_TIMEOUT_S,  # a connection that does not finish its handshake is closed
+            backlog=WS_ACCEPT_BURST,  # what asyncio accepts at once before PendingHandshakes counts it
             # The frame's declared length is checked against max_size before its payload is read; a
             # larger frame closes that connection with 1009 (message too big), and nothing else.
             max_size=self.core.limits.max_frame_bytes,
@@ -154,13 +234,14 @@ class CloudServer:
             compression=None,  # activations do not compress; deflate would only cost CPU
             server_header=None,  # no version banner for scanners
         ):
-            expiry = asyncio.create_task(self._expiry_loop())
+            housekeeping = [asyncio.create_task(self._expiry_loop()), asyncio.create_task(self._log_flush_loop())]
             if ready is not None:
                 ready.set()
             try:
                 await asyncio.Future()  # run until cancelled
             finally:
-                expiry.cancel()
+                for task in housekeeping:
+                    task.cancel()
 
     # -- http ------------------------------------------------------------------------
 
@@ -175,6 +256,7 @@ class CloudServer:
                 "ws_port": self.info.ws_port,
                 "model": self.info.model,
                 "layers": self.info.layers,
+                "identity": self.core.identity.to_json() if self.core.identity is not None else None,
                 "device": self.info.device,
                 "dtype": self.info.dtype,
                 "held": {"tensors": self.info.held["tensors"], "parameters": self.info.held["parameters"]},
@@ -187,22 +269,47 @@ class CloudServer:
 
         return app
 
-    def run(self, host: str, http_port: int, ws_port: int) -> None:
+    def run(self, host: str, http_port: int, ws_port: int, http_idle_timeout: int = HTTP_IDLE_TIMEOUT_S) -> None:
         """Serve both ports until interrupted."""
-        if not is_loopback(host):
-            if self.token is None:
-                log.warning("listening on %s WITHOUT a token: anyone who can reach it can use these layers; "
-                            "give --auth-token-file and put TLS in front (docs/security.md)", host)
-            else:
-                log.warning("listening on %s: frames and the token travel in clear unless TLS is in front "
-                            "(docs/security.md)", host)
-        web = make_server(host, http_port, self.health_app(), threaded=True)
-        threading.Thread(target=web.serve_forever, name="health", daemon=True).start()
-        log.info("cloud server: health on http://%s:%d/health, frames on ws://%s:%d", host, http_port, host, ws_port)
+        _warn_if_exposed(host, self.token)
+        descriptors = self._share_descriptors()
+        web = create_http_server(
+            self.health_app(), host, http_port, health_limits(descriptors.http_connections, http_idle_timeout)
+        )
+        threading.Thread(target=web.run, name="health", daemon=True).start()
+        log.info("cloud server: health on http://%s:%d/health (idle connections closed after %d s), frames on "
+                 "ws://%s:%d", host, http_port, http_idle_timeout, host, ws_port)
         try:
-            asyncio.run(self.serve_ws(host, ws_port))
+            asyncio.run(self.serve_ws(host, ws_port, pending_cap=descriptors.pending_handshakes))
         finally:
-            web.shutdown()
+            web.close()
+
+    def _share_descriptors(self) -> Descriptors:
+        """Raise the open-file limit and share it out (admission.py); lowers max_connections if it must."""
+        before = open_file_limit()
+        raise_open_file_limit()  # the soft limit (often 1024) to the hard one: connections need descriptors
+        try:
+            descriptors = plan_descriptors(open_file_limit(), self.max_connections)
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
+        if descriptors.max_connections < self.max_connections:
+            log.warning("the open-file limit allows %d WebSocket connections, not %d: serving %d (raise `ulimit -n`)",
+                        descriptors.max_connections, self.max_connections, descriptors.max_connections)
+            self.max_connections = descriptors.max_connections
+        raised = f" (soft limit raised from {before})" if descriptors.limit != before else ""
+        log.info("descriptors: %s%s", descriptors.describe(), raised)
+        return descriptors
+
+
+def _warn_if_exposed(host: str, token: str | None) -> None:
+    if is_loopback(host):
+        return
+    if token is None:
+        log.warning("listening on %s WITHOUT a token: anyone who can reach it can use these layers; "
+                    "give --auth-token-file and put TLS in front (docs/security.md)", host)
+    else:
+        log.warning("listening on %s: frames and the token travel in clear unless TLS is in front "
+                    "(docs/security.md)", host)
 
 
 def _peer(ws: ServerConnection) -> str:
@@ -229,12 +336,21 @@ def build(
     token: str | None = None,
     max_connections: int | None = None,
     kernels: str = "auto",
+    *,
+    max_sessions: int | None = None,
+    max_frame_bytes: int | None = None,
 ) -> CloudServer:
-    """Load the cloud's layers (and nothing else) and wrap them in a server."""
+    """Load the cloud's layers (and nothing else) and wrap them in a server.
+
+    `limits` holds the bounds the user set; sessions, connections and the frame size left as None are
+    derived from the memory available once the layers are loaded (cloud/memory.py).
+    """
     from ..config import Split
     from ..models import default_device, dtype_name, load_config, resolve_dtype, resolve_model
+    from ..identity import of_model
     from ..kernels import use_kernels
     from ..parts import describe, load_cloud
+    from .memory import Geometry, derive_limits
 
     model_dir = resolve_model(model)
     device = device or default_device()
@@ -254,7 +370,18 @@ def build(
         dtype_name(torch_dtype),
         packed,
     )
-    core = CloudCore(span, config, device, torch_dtype, limits)
+    # Computed from the files, as the local side computes what it expects: sampled bytes, no tensor loaded.
+    identity = of_model(model_dir, config, split.cloud_layers)
+    log.info("cloud identity: layers %s, weights digest %s", identity.layers, identity.weights[:12])
+    budget = derive_limits(
+        Geometry.of(config, len(split.cloud_layers), torch_dtype),
+        limits,
+        max_sessions=max_sessions,
+        max_connections=max_connections,
+        max_frame_bytes=max_frame_bytes,
+    )
+    log.info("%s", budget.describe())
+    core = CloudCore(span, config, device, torch_dtype, budget.limits, identity)
     info = ServerInfo(
         model=str(model_dir),
         layers=list(split.cloud_layers),
@@ -263,4 +390,4 @@ def build(
         device=device,
         dtype=dtype_name(torch_dtype),
     )
-    return CloudServer(core, info, token, max_connections)
+    return CloudServer(core, info, token, budget.max_connections)

@@ -6,10 +6,12 @@ frame (bytes).  Sessions belong to the connection that opened them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,8 +20,10 @@ from transformers import DynamicCache
 
 from .. import kv, masks, protocol
 from ..config import Limits
+from ..identity import Identity
 from ..parts import CloudSpan
 from ..protocol import Frame, ProtocolError
+from .memory import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +44,18 @@ class Session:
 class CloudCore:
     """The cloud's layers plus a table of sessions; one compute at a time (the GPU is one device)."""
 
-    def __init__(self, span: CloudSpan, config, device: str, dtype: torch.dtype, limits: Limits):
+    def __init__(
+        self,
+        span: CloudSpan,
+        config,
+        device: str,
+        dtype: torch.dtype,
+        limits: Limits,
+        identity: Identity | None = None,
+    ):
         self.span, self.device, self.dtype, self.limits = span, device, dtype, limits
+        # What `opened` states this span is (build() always gives one); a local side refuses a cloud without it.
+        self.identity = identity
         self.hidden_size = config.hidden_size
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.sessions: dict[str, Session] = {}
@@ -53,7 +67,10 @@ class CloudCore:
         """One request -> one reply.  Errors become typed error replies; state stays consistent."""
         try:
             with self._lock:
-                return self._dispatch(conn, frame)
+                reply = self._dispatch(conn, frame)
+            if frame.op == "close":
+                return_freed_memory()  # outside the lock: other sessions' steps need not wait for it
+            return reply
         except ProtocolError as exc:
             return protocol.error(exc.code, exc.message, frame.header.get("step"), frame.session)
 
@@ -71,6 +88,8 @@ class CloudCore:
         if frame.op == "forward":
             out, ms = self._forward(session, frame)
             session.last_step = step
+            # Only work keeps a session alive: a peer sending no-op crops cannot hold its cache forever.
+            session.last_used = time.monotonic()
             return protocol.encode(
                 {"op": "result", **reply_header, "cloud_ms": round(ms, 3), "cache_len": session.length},
                 {"hidden": out},
@@ -85,6 +104,11 @@ class CloudCore:
     def _open(self, conn: int, frame: Frame) -> bytes:
         if len(self.sessions) >= self.limits.max_sessions:
             raise ProtocolError("limit", f"the server holds its maximum of {self.limits.max_sessions} sessions")
+        mine = sum(1 for s in self.sessions.values() if s.owner == conn)
+        if mine >= self.limits.max_sessions_per_connection:
+            raise ProtocolError(
+                "limit", f"this connection holds its maximum of {self.limits.max_sessions_per_connection} sessions"
+            )
         sid = secrets.token_hex(16)  # 128 random bits
         self.sessions[sid] = Session(sid, conn)
         log.info("session %s… opened (%d open)", sid[:8], len(self.sessions))
@@ -100,6 +124,7 @@ class CloudCore:
                     "max_frame_bytes": lim.max_frame_bytes,
                     "idle_seconds": lim.idle_seconds,
                 },
+                "identity": self.identity.to_json() if self.identity is not None else None,
             }
         )
 
@@ -108,7 +133,6 @@ class CloudCore:
         # Another connection's session answers exactly like a missing one: ids are not probeable.
         if session is None or session.owner != conn:
             raise ProtocolError("unknown_session", "no such session on this connection")
-        session.last_used = time.monotonic()
         return session
 
     def _plan(self, session: Session, edits: list, new_tokens: int) -> int:
@@ -155,21 +179,35 @@ class CloudCore:
             full = torch.from_numpy(mask.copy())
         else:
             raise ProtocolError("bad_shape", f"mask covers {mask.shape[1]} keys; the cache has {past} + {q} new")
+        # A frame that fails after this point (float16 overflow, an internal error) must leave the session as
+        # it was, edits included: entries before `touched` are never changed by the edits or the forward, so a
+        # copy of the ones after it (usually the last step's few tree nodes) is all it takes to undo both.
+        touched = min([session.length, *(e["length"] if e["op"] == "crop" else e["start"] for e in edits)])
+        saved = kv.save_tail(session.cache, touched)
         self._apply(session, edits)
         start = time.perf_counter()
-        with torch.inference_mode():
-            hidden = self._tensor(t["hidden"])
-            cos, sin = self._tensor(t["cos"]), self._tensor(t["sin"])
-            out = self.span(hidden, cos, sin, masks.additive(full, self.dtype).to(self.device), session.cache)
-            out16 = out.to(torch.float16)
-            if not torch.isfinite(out16).all():
-                kv.crop(session.cache, past)  # leave the session as it was before this frame
-                raise ProtocolError("overflow", "the cloud layers' output does not fit in float16")
-            array = out16.cpu().numpy()
+        try:
+            with torch.inference_mode():
+                hidden = self._tensor(t["hidden"])
+                cos, sin = self._tensor(t["cos"]), self._tensor(t["sin"])
+                out = self.span(hidden, cos, sin, masks.additive(full, self.dtype).to(self.device), session.cache)
+                out16 = out.to(torch.float16)
+                if not torch.isfinite(out16).all():
+                    raise ProtocolError("overflow", "the cloud layers' output does not fit in float16")
+                array = out16.cpu().numpy()
+        except BaseException:
+            kv.restore_tail(session.cache, touched, saved)
+            raise
         return array, (time.perf_counter() - start) * 1000.0
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(array.copy()).to(self.device, self.dtype)
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        """Hold the compute, as a long step would (benchmarks measure what waiting peers cost)."""
+        with self._lock:
+            yield
 
     # -- housekeeping ----------------------------------------------------------------
 
@@ -179,6 +217,8 @@ class CloudCore:
             gone = [sid for sid, s in self.sessions.items() if s.owner == conn]
             for sid in gone:
                 del self.sessions[sid]
+        if gone:
+            return_freed_memory()
         return len(gone)
 
     def expire(self, now: float | None = None) -> int:
@@ -189,5 +229,6 @@ class CloudCore:
             for sid in gone:
                 del self.sessions[sid]
         if gone:
+            return_freed_memory()
             log.info("expired %d idle session(s)", len(gone))
         return len(gone)

@@ -21,7 +21,7 @@ _STARTED = time.monotonic()  # imported as a script starts: wall_seconds is (alm
 
 
 # What the experiments themselves write: a run of several scripts must not call its own results "dirty".
-OUTPUTS = ("experiment_data", "README.md", "paper.md", "docs/privacy.md")
+OUTPUTS = ("experiment_data", "README.md", "paper.md", "docs/privacy.md", "docs/security.md")
 
 
 def commit(root: Path = ROOT) -> str:

@@ -192,6 +192,28 @@ def table_inversion() -> str:
     return render_inversion(load("inversion"))
 
 
+def table_memory() -> str:
+    """Measured memory of the cloud process (benchmarks/memory.py) against the bounds the limits are sized by."""
+    d = load("memory")
+    rows = [[f"one session, {s['tokens']} tokens", f"{s['cache_mb']:.0f}", f"{s['held_mb']:.0f}",
+             f"{s['peak_growth_mb']:.0f}", f"{s['bound_mb']:.0f}"] for s in d["sessions"]]
+    c = d["connections"]
+    frame_mb = c["frame_bytes"] / 2**20
+    rows.append([f"one connection, frames of {frame_mb:.1f} MiB sent to a busy server", "-",
+                 f"{c['frames_held_per_connection'] * frame_mb:.0f} ({c['frames_held_per_connection']:.1f} frames)", "-",
+                 f"{c['bound_frames'] * frame_mb:.0f} ({c['bound_frames']} frames)"])
+    long = d["long_sessions"]
+    table = _table(["what", "cache (formula), MiB", "held, MiB", "peak growth, MiB", "bound used for the limits, MiB"],
+                   rows)
+    defaults = d["defaults_on_24_gib"]
+    text = (f"\n\nAfter {long['sessions']} sessions of {long['tokens']} tokens were filled and closed, the cloud's RSS went "
+            f"from {long['rss_start_mb']:.0f} MiB through a peak of {long['rss_peak_mb']:.0f} MiB back to "
+            f"{long['rss_after_mb']:.0f} MiB ({100 * long['change']:+.1f}%).  On a machine with 24 GiB available the "
+            f"defaults come out at {defaults['max_sessions']} sessions and {defaults['max_connections']} connections, "
+            f"frames up to {defaults['per_frame_mb']:.1f} MiB.")
+    return table + text + _source("memory")
+
+
 # What `make experiments` writes, in its order.
 REPRODUCED = ("perplexity_comparison", "lookahead_ablation", "rtt_analysis", "wan_side_by_side", "split_overhead",
               "step_cost", "inversion")
@@ -226,6 +248,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "table:rtt": table_rtt,
     "table:side-by-side": table_side_by_side,
     "table:gpu": table_gpu,
+    "table:memory": table_memory,
 }
 
 

@@ -62,7 +62,7 @@ class Bed:
         deadline = time.monotonic() + 30
         while True:  # wait until the emulator accepts connections
             try:
-                with cloud_session(self.url, self.token):
+                with cloud_session(self.url, self.token, expected=self.local.identity):
                     return
             except Exception:  # noqa: BLE001 - not up yet; any failure means "try again" until the deadline
                 if time.monotonic() > deadline or proc.poll() is not None:
@@ -79,7 +79,7 @@ class Bed:
         self.rtt_ms = 0.0
 
     def generate(self, prompt_ids: list[int], mode: str, max_new: int, **options: Any) -> Generation:
-        with cloud_session(self.url, self.token) as span:
+        with cloud_session(self.url, self.token, expected=self.local.identity) as span:
             return self.local.generate(span, prompt_ids, max_new, mode, **options)
 
 

@@ -18,6 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
+# Temperatures below this count as 0 (greedy): sampling that cold picks the argmax anyway, and a
+# denormal one (1e-320) would turn logits / temperature into infinities.
+GREEDY_BELOW = 1e-4
 
 # Accepted and ignored: they change nothing about the tokens.
 IGNORED = {"model", "user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
@@ -92,6 +95,19 @@ class APIError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class Refused(APIError):
+    """A request turned away before any work (wrong Host, too big...): logged, rate-limited, under `reason`.
+
+    `reason` is a short fixed phrase, never a value from the request, so an attacker cannot make
+    the rate-limited log keep one counter per value it sends.
+    """
+
+    def __init__(self, message: str, code: str, status: int, reason: str, param: str | None = None, detail: str = ""):
+        super().__init__(message, param, code, status)
+        self.reason = reason
+        self.detail = detail  # for the log line: the refused value (truncated), say
 
 
 @dataclass
@@ -217,6 +233,8 @@ def _common(body: Any, kind: str, known: set[str], neutral: dict[str, tuple]) ->
         raise _bad_type("model", "a string", model)
     req = Request(kind)
     req.temperature = _number(body, "temperature", 0.0, 2.0, 0.0)
+    if req.temperature < GREEDY_BELOW:  # 1e-320 would overflow logits / temperature; it means greedy anyway
+        req.temperature = 0.0
     req.top_p = _number(body, "top_p", 0.0, 1.0, 1.0, low_open=True)
     req.seed = _integer(body, "seed", -(2**63), 2**64 - 1)
     req.stop = _stop(body)

@@ -7,6 +7,7 @@ its own caches), so concurrent requests cannot see each other's state.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import re
@@ -22,9 +23,10 @@ import requests
 from .. import protocol
 from ..decoding.sampling import make_generator, sampling
 from ..decoding.strategies import STRATEGIES
+from ..identity import Identity
 from ..local import LocalSide
 from ..remote import RECONNECT_TIMEOUT_S, CloudConnection, CloudError, RemoteSpan, cloud_session
-from .api import APIError, Request
+from .api import APIError, Refused, Request
 from .text import TextStream
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,25 @@ class Step:
 
 def _mean(values: list[float]) -> float:
     return round(sum(values) / len(values), 3) if values else 0.0
+
+
+def longest_token(tokenizer: Any) -> int | None:
+    """The most characters any vocabulary entry (special tokens included) stands for; None if unknown.
+
+    A byte-level entry spells each byte as one character, so its length bounds the characters it
+    decodes to from above, which is the direction the prompt-length bound needs.
+    """
+    vocab = getattr(tokenizer, "get_vocab", None)
+    if vocab is None:
+        return None
+    return max((len(piece) for piece in vocab()), default=None) or None
+
+
+def normalizer(tokenizer: Any) -> Callable[[str], str]:
+    """The text as the tokenizer's normalizer leaves it (NFC can merge characters), or as it is."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    norm = getattr(backend, "normalizer", None)
+    return norm.normalize_str if norm is not None else (lambda text: text)
 
 
 class Service:
@@ -80,7 +101,11 @@ class Service:
         self.context_limit: int | None = getattr(local.config, "max_position_embeddings", None)
         self.vocab_size: int = local.config.vocab_size
         self.created = int(time.time())
-        self._tokenizer_lock = threading.Lock()  # a fast tokenizer is not safe to share between threads
+        # A fast tokenizer must not be used by two threads at once, and a global lock around it let one
+        # huge prompt stall every request: each worker thread tokenizes with its own copy instead.
+        self._tokenizers = threading.local()
+        self._copy_lock = threading.Lock()  # held only while a thread makes its copy (~0.1 s, once)
+        self.max_token_chars = longest_token(local.tokenizer)
         self._counts_lock = threading.Lock()
         self.counts = {"active": 0, "completed": 0, "cancelled": 0, "failed": 0}
         self._http = requests.Session()
@@ -88,41 +113,85 @@ class Service:
 
     # -- text <-> ids -----------------------------------------------------------------------------------
 
+    def tokenizer(self) -> Any:
+        """This thread's own copy of the tokenizer (made on first use), so threads never share one."""
+        tok = getattr(self._tokenizers, "tok", None)
+        if tok is None:
+            with self._copy_lock:
+                tok = copy.deepcopy(self.local.tokenizer)
+            self._tokenizers.tok = tok
+        return tok
+
     def decode(self, ids: list[int]) -> str:
-        with self._tokenizer_lock:
-            return self.local.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer().decode(ids, skip_special_tokens=True)
 
     def prompt_ids(self, req: Request) -> list[int]:
-        tok = self.local.tokenizer
-        with self._tokenizer_lock:
-            if req.kind == "chat":
-                assert req.messages is not None
-                if tok.chat_template:
-                    ids = tok.apply_chat_template(
-                        req.messages, add_generation_prompt=True, tokenize=True, return_dict=False
-                    )
-                else:  # a base model: the conversation as plain text
-                    text = "".join(f"{m['role']}: {m['content']}\n" for m in req.messages) + "assistant:"
-                    ids = tok(text, add_special_tokens=True)["input_ids"]
-            elif isinstance(req.prompt, list):
-                ids = list(req.prompt)
-                bad = [t for t in ids if not 0 <= t < self.vocab_size]
-                if bad:
-                    raise APIError(
-                        f"Token id {bad[0]} in 'prompt' is outside the vocabulary (0..{self.vocab_size - 1}).",
-                        "prompt",
-                        "invalid_value",
-                    )
-            else:
-                ids = tok(req.prompt, add_special_tokens=True)["input_ids"]
+        tok = self.tokenizer()
+        if req.kind == "chat":
+            assert req.messages is not None
+            if tok.chat_template:
+                ids = tok.apply_chat_template(
+                    req.messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            else:  # a base model: the conversation as plain text
+                text = "".join(f"{m['role']}: {m['content']}\n" for m in req.messages) + "assistant:"
+                ids = tok(text, add_special_tokens=True)["input_ids"]
+        elif isinstance(req.prompt, list):
+            ids = list(req.prompt)
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise APIError(
+                    f"Token id {bad[0]} in 'prompt' is outside the vocabulary (0..{self.vocab_size - 1}).",
+                    "prompt",
+                    "invalid_value",
+                )
+        else:
+            ids = tok(req.prompt, add_special_tokens=True)["input_ids"]
         if not ids:
             param = "prompt" if req.kind == "completion" else "messages"
             raise APIError("The prompt is empty once tokenized.", param, "invalid_value")
         return list(ids)
 
+    def min_prompt_tokens(self, req: Request) -> tuple[int, int]:
+        """(characters counted, a lower bound on the prompt's tokens), without tokenizing.
+
+        Every token stands for at most `max_token_chars` characters of the text the tokenizer
+        sees (after its normalizer, if any), so C characters make at least ceil(C / max_token_chars)
+        tokens.  A chat counts its messages' contents only, without leading and trailing
+        whitespace (which a template may trim); the template's own text only adds tokens.
+        """
+        if isinstance(req.prompt, list) or self.max_token_chars is None:  # token ids are counted exactly, cheaply
+            return 0, 0
+        normalize = normalizer(self.tokenizer())
+        if req.kind == "chat":
+            assert req.messages is not None
+            chars = sum(len(normalize(m["content"].strip())) for m in req.messages)
+        else:
+            assert isinstance(req.prompt, str)
+            chars = len(normalize(req.prompt))
+        return chars, -(-chars // self.max_token_chars)
+
+    def check_length(self, req: Request, max_tokens: int) -> None:
+        """Refuse a prompt whose characters alone prove it cannot fit: tokenizing it would only waste time."""
+        if self.context_limit is None:
+            return
+        chars, least = self.min_prompt_tokens(req)
+        if least + max_tokens > self.context_limit:
+            raise Refused(
+                f"This model's maximum context length is {self.context_limit} tokens. However, you requested at "
+                f"least {least + max_tokens} tokens (at least {least} in the prompt: its {chars} characters, and no "
+                f"token is longer than {self.max_token_chars}; {max_tokens} for the completion). "
+                "Please reduce the prompt or the completion length.",
+                "context_length_exceeded",
+                400,
+                "context length exceeded",
+                param="messages" if req.kind == "chat" else "prompt",
+            )
+
     def job(self, req: Request) -> Job:
-        ids = self.prompt_ids(req)
         max_tokens = req.max_tokens or self.default_max_tokens
+        self.check_length(req, max_tokens)
+        ids = self.prompt_ids(req)
         if self.context_limit is not None and len(ids) + max_tokens > self.context_limit:
             param = "messages" if req.kind == "chat" else "prompt"
             raise APIError(
@@ -138,7 +207,9 @@ class Service:
 
     def session(self) -> AbstractContextManager[RemoteSpan]:
         """A fresh cloud session (its own WebSocket); raises CloudError when the cloud cannot be reached."""
-        return cloud_session(self.cloud_ws_url, self.token, reconnect_timeout=self.reconnect_timeout)
+        return cloud_session(
+            self.cloud_ws_url, self.token, expected=self.local.identity, reconnect_timeout=self.reconnect_timeout
+        )
 
     def strategy(self, req: Request) -> tuple[str, Callable[..., Iterator[list[int]]]]:
         if req.greedy:
@@ -254,10 +325,21 @@ class Service:
                 problems.append(f"the cloud holds layers {cloud['layers']}, this split needs {body['split']['cloud']}")
             if "protocol_version" in cloud and cloud["protocol_version"] != protocol.VERSION:
                 problems.append(f"the cloud speaks protocol {cloud['protocol_version']}, this side {protocol.VERSION}")
+            problems += self._identity_problems(cloud.get("identity"))
         if problems:
             body["status"] = "degraded"
             body["problems"] = problems
         return body, 503 if problems else 200
+
+    def _identity_problems(self, stated: Any) -> list[str]:
+        """The identity the cloud's /health states against this side's, worded as a session's check words it."""
+        if stated is None:
+            return []  # an older cloud states none; the protocol version check speaks for it
+        try:
+            differences = Identity.from_json(stated).differences(self.local.identity)
+        except ValueError as exc:
+            return [f"the cloud states a malformed identity: {exc}"]
+        return [f"the cloud computes something else: {'; '.join(differences)}"] if differences else []
 
     def _cloud_health(self) -> dict[str, Any]:
         info: dict[str, Any] = {"url": self.cloud_http_url, "ws_url": self.cloud_ws_url}
@@ -282,6 +364,9 @@ class Service:
             info.update(reachable=False, error=f"{self.cloud_http_url}/health: {m.group(1).strip() if m else exc}")
             return info
         info["reachable"] = True
-        keys = ("status", "model", "layers", "protocol_version", "device", "dtype", "sessions_open", "auth_required")
+        keys = (
+            "status", "model", "layers", "identity", "protocol_version", "device", "dtype", "sessions_open",
+            "auth_required",
+        )
         info.update({key: remote[key] for key in keys if key in remote})
         return info
