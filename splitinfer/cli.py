@@ -7,11 +7,7 @@ import logging
 import os
 from pathlib import Path
 
-import torch
-
-from .config import DEFAULT_MODEL_DIR, HTTP_PORT
-from .kernels import KERNELS
-from .remote import RECONNECT_TIMEOUT_S
+from .config import DEFAULT_MODEL_DIR, HTTP_PORT, KERNELS, RECONNECT_TIMEOUT_S
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -82,6 +78,8 @@ def setup(args: argparse.Namespace) -> None:
     for noisy in ("websockets", "werkzeug", "waitress", "httpx", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.threads:
+        import torch  # here, not at the top: --help must not wait for torch
+
         torch.set_num_threads(args.threads)
 
 

@@ -8,13 +8,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from platformdirs import user_data_path
+
 # The SSH tunnel of the spec maps these two ports; the local server for clients
 # therefore defaults to the next free one.
 HTTP_PORT = 5000
 WS_PORT = 5001
 LOCAL_SERVER_PORT = 5002
 
-DEFAULT_MODEL_DIR = Path("models/smollm2-135m-instruct")
+# The per-user data directory (~/.local/share/splitinfer on Linux, ~/Library/Application Support/splitinfer
+# on macOS), never the working directory or the checkout: a test run or a script started elsewhere finds
+# the same prepared model and writes nothing into the repo.
+DATA_DIR: Path = user_data_path("splitinfer")
+DEFAULT_MODEL_DIR: Path = DATA_DIR / "models" / "smollm2-135m-instruct"
+
+# --kernels: auto = ours where they help (kernels.py); torch = transformers' own (sdpa, nn.Linear).
+KERNELS = ("auto", "torch")
+
+# How long the local side keeps reconnecting (and replaying) after losing the cloud mid-generation.
+RECONNECT_TIMEOUT_S = 30.0
 
 # Idle cloud sessions are dropped after this long (the spec's 5 minutes).
 SESSION_IDLE_SECONDS = 300.0

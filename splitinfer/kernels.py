@@ -35,9 +35,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface, PretrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .config import KERNELS
+
 log = logging.getLogger(__name__)
 
-KERNELS = ("auto", "torch")  # --kernels: auto = ours where they help; torch = transformers' own (sdpa, nn.Linear)
 PACK_BATCH = 16  # the block size oneDNN lays the weights out for; measured flat from 2 to 16 rows
 
 

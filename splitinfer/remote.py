@@ -22,6 +22,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from websockets.sync.client import ClientConnection, connect
 
 from . import protocol
+from .config import RECONNECT_TIMEOUT_S
 from .identity import Identity
 from .protocol import ProtocolError
 
@@ -76,7 +77,6 @@ SESSION_LOST = frozenset({"disconnected", "unknown_session", "timeout", "unreach
 # session of ours that it has not yet noticed is dead, say).
 _RETRY_WHILE_RECONNECTING = SESSION_LOST | {"busy"}
 
-RECONNECT_TIMEOUT_S = 30.0
 _CLOSE_REPLY_S = 5.0  # closing is a courtesy (the server drops a closed connection's sessions anyway)
 _BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.1, 4.0
 
