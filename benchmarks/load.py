@@ -34,15 +34,16 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from splitinfer.cli import add_model_args, add_testbed_args, read_token
+from splitinfer.cli import HelpFormatter, add_model_args, add_testbed_args, read_token
+from splitinfer.config import OUT_HELP, experiment_out
 from splitinfer.experiments import prompts as prompt_sets
 from splitinfer.experiments.record import provenance, write_json
-from splitinfer.procs import ROOT, cloud_process
+from splitinfer.procs import cloud_process
 from splitinfer.remote import CloudConnection, ws_url
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
     p.add_argument("--clients", type=int, default=8, help="concurrent local processes")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -51,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--soak-threads", type=int, default=4, help="soak sessions in flight at once")
     p.add_argument("--idle-timeout", type=float, default=20.0, help="the cloud's --idle-timeout (the soak waits on it)")
     add_testbed_args(p, existing_cloud=False, cloud_device=False)
-    p.add_argument("--out", type=Path, default=ROOT / "experiment_data" / "load.json")
+    p.add_argument("--out", type=Path, default=experiment_out("load.json"), help=OUT_HELP)
     return p.parse_args(argv)
 
 
@@ -104,7 +105,7 @@ def run_clients(args, model: str, ws: str, token_file: str, groups: list[list[st
 
 def cli_client(url: str, model: str, token_file: str, prompt: str, max_new: int, mode: str) -> dict:
     out = subprocess.run(
-        [sys.executable, str(ROOT / "interactive.py"), "--cloud", url, "--model", model, "--prompt", prompt,
+        [sys.executable, "-m", "splitinfer", "chat", "--cloud", url, "--model", model, "--prompt", prompt,
          "--max-new-tokens", str(max_new), "--mode", mode, "--json", "--threads", "1",
          "--auth-token-file", token_file],
         capture_output=True, text=True, timeout=1800, check=True,

@@ -34,11 +34,11 @@ from websockets.sync.client import connect
 from splitinfer import protocol
 from splitinfer.cli import HelpFormatter, add_model_args
 from splitinfer.cloud import memory
-from splitinfer.config import Limits, Split
+from splitinfer.config import OUT_HELP, Limits, Split, experiment_out
 from splitinfer.experiments.record import provenance, write_json
 from splitinfer.models import load_config, resolve_dtype, resolve_model
 from splitinfer.cloud.server import build
-from splitinfer.procs import ROOT, cloud_process, free_port
+from splitinfer.procs import cloud_process, free_port
 from splitinfer.remote import ws_url
 
 MIB = 2.0**20
@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--flood-connections", type=int, default=4, help="connections that send without reading")
     p.add_argument("--flood-frames", type=int, default=10, help="largest-size frames each flooding connection sends")
     p.add_argument("--cloud-threads", type=int, default=2, help="torch threads of the cloud process")
-    p.add_argument("--out", type=Path, default=ROOT / "experiment_data" / "memory.json", help="result file")
+    p.add_argument("--out", type=Path, default=experiment_out("memory.json"), help=OUT_HELP)
     return p.parse_args(argv)
 
 

@@ -20,9 +20,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from splitinfer.cli import add_model_args, setup
+from splitinfer.cli import HelpFormatter, add_model_args, setup
 from splitinfer.config import Split
-from splitinfer.engine import InProcessSpan, SplitModel
+from splitinfer.engine import SplitModel
+from splitinfer.testing import InProcessSpan
 from splitinfer.experiments.record import provenance, write_json
 from splitinfer.kernels import use_kernels
 from splitinfer.models import default_device, dtype_name, load_config, resolve_dtype, resolve_model
@@ -30,7 +31,7 @@ from splitinfer.parts import load_cloud, load_local
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 8], help="block sizes K to profile")
     p.add_argument("--context", type=int, default=256, help="tokens already in the cache")

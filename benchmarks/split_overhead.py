@@ -21,22 +21,23 @@ import requests
 import torch
 from transformers import AutoModelForCausalLM
 
-from splitinfer.cli import add_model_args, add_testbed_args
+from splitinfer.cli import HelpFormatter, add_model_args, add_testbed_args
+from splitinfer.config import OUT_HELP, experiment_out
 from splitinfer.experiments import prompts as prompt_sets
 from splitinfer.experiments.record import peak_rss_mb, provenance, write_json
 from splitinfer.local import LocalSide
 from splitinfer.models import resolve_model
-from splitinfer.procs import ROOT, cloud_process
+from splitinfer.procs import cloud_process
 from splitinfer.remote import cloud_session, ws_url
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
     p.add_argument("--per-category", type=int, default=2, help="prompts per category")
     p.add_argument("--max-new-tokens", type=int, default=64)
     add_testbed_args(p, existing_cloud=False, cloud_device=False)  # a CPU float32 measurement by design
-    p.add_argument("--out", type=Path, default=ROOT / "experiment_data" / "split_overhead.json")
+    p.add_argument("--out", type=Path, default=experiment_out("split_overhead.json"), help=OUT_HELP)
     p.add_argument("--full-model-memory", action="store_true", help=argparse.SUPPRESS)  # child-process mode
     return p.parse_args(argv)
 
@@ -78,13 +79,14 @@ def main(argv: list[str] | None = None) -> int:
             with cloud_session(ws_url(url), expected=local.identity) as span:
                 # No EOS: every prompt decodes exactly max_new tokens, the same work as the full-model loop.
                 local.eos = frozenset()
-                g = local.generate(span, ids, args.max_new_tokens)
+                g = local.generate(span, ids, args.max_new_tokens, "sequential")
             runs.append(g.as_dict())
         health = requests.get(f"{url}/health", timeout=5).json()
         cloud_rss = peak_rss_mb(proc.pid)
         # The local side's memory, measured in a process of its own doing one generation.
         one = subprocess.run(
-            [sys.executable, str(ROOT / "interactive.py"), "--cloud", url, "--model", str(local.model_dir), "--json",
+            [sys.executable, "-m", "splitinfer", "chat", "--cloud", url, "--model", str(local.model_dir), "--json",
+             "--mode", "sequential",
              "--prompt", prompt_sets.load(per_category=1)[0]["prompt"], "--max-new-tokens", str(args.max_new_tokens),
              "--threads", str(torch.get_num_threads())],
             capture_output=True, text=True, check=True,

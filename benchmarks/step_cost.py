@@ -16,12 +16,12 @@ import statistics
 import time
 from pathlib import Path
 
-from splitinfer.cli import add_model_args, add_testbed_args
+from splitinfer.cli import HelpFormatter, add_model_args, add_testbed_args
+from splitinfer.config import OUT_HELP, experiment_out
 from splitinfer.kernels import KERNELS
 from splitinfer.experiments.record import provenance, write_json
 from splitinfer.experiments.testbed import settings, testbed_for
 from splitinfer.local import LocalSide
-from splitinfer.procs import ROOT
 from splitinfer.remote import cloud_session
 
 
@@ -29,7 +29,7 @@ WARM_UP_S = 2.0  # of one-token steps before anything is timed
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--context", type=int, default=256, help="tokens already in the cache")
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="kernels to measure, each with its own cloud process: torch (transformers' sdpa and nn.Linear, "
         "'before') and auto (splitinfer/kernels.py, 'after'); --kernels is ignored",
     )
-    p.add_argument("--out", type=Path, default=ROOT / "experiment_data" / "step_cost.json")
+    p.add_argument("--out", type=Path, default=experiment_out("step_cost.json"), help=OUT_HELP)
     return p.parse_args(argv)
 
 
@@ -63,6 +63,7 @@ def measure(args: argparse.Namespace, kernels: str) -> tuple[list[dict], LocalSi
             for k in args.sizes:
                 block = [(11 * i) % 1000 + 50 for i in range(k)]
                 walls = []
+                lm.take_timings()  # the warm-up's and the previous sizes' forwards
                 for _ in range(args.repeats + 2):
                     t0 = time.perf_counter()
                     lm.forward(block)
@@ -70,7 +71,7 @@ def measure(args: argparse.Namespace, kernels: str) -> tuple[list[dict], LocalSi
                     walls.append((time.perf_counter() - t0) * 1000)
                     lm.forward([5])  # the crop rides on this forward; then roll back to the context
                     lm.commit([])
-                steps = lm.timings[-2 * (args.repeats + 2) :: 2][2:]
+                steps = lm.take_timings()[::2][2:]  # the K-token forwards, past the first two
                 rows.append({
                     "tokens": k,
                     "total_ms": statistics.median(walls[2:]),

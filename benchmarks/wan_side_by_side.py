@@ -12,23 +12,23 @@ import argparse
 import statistics
 from pathlib import Path
 
-from splitinfer.cli import add_model_args, add_testbed_args
+from splitinfer.cli import HelpFormatter, add_model_args, add_testbed_args
+from splitinfer.config import OUT_HELP, experiment_out
 from splitinfer.decoding.lookahead import Memory
 from splitinfer.experiments import prompts as prompt_sets
 from splitinfer.experiments.record import provenance, write_json
 from splitinfer.experiments.testbed import settings, testbed_for
-from splitinfer.procs import ROOT
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
     p.add_argument("--rtt-ms", type=float, default=80.0, help="emulated round-trip time")
     p.add_argument("--per-category", type=int, default=3, help="prompts per category")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-verify", type=int, default=None, help="pin lookahead's tree size (default: chosen by cost)")
     add_testbed_args(p, existing_cloud=False)
-    p.add_argument("--out", type=Path, default=ROOT / "experiment_data" / "wan_side_by_side.json")
+    p.add_argument("--out", type=Path, default=experiment_out("wan_side_by_side.json"), help=OUT_HELP)
     return p.parse_args(argv)
 
 

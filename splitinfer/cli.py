@@ -5,20 +5,36 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
-from .config import DEFAULT_MODEL_DIR, HTTP_PORT, KERNELS, RECONNECT_TIMEOUT_S
+from .config import DEFAULT_MODE, DEFAULT_MODEL_DIR, HTTP_PORT, KERNELS, MODES, RECONNECT_TIMEOUT_S
+from .helpformat import HelpFormatter  # noqa: F401  (every entry point takes it from here)
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The description as written; "(default: ...)" after options whose default says something."""
+def fail(exc: BaseException | str) -> int:
+    """Tell the user what went wrong in one line (no traceback); the exit code of a failed run."""
+    print(f"error: {exc}", file=sys.stderr)
+    return 1
 
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        says = action.default not in (None, False, argparse.SUPPRESS)
-        if "%(default)" not in text and "(default" not in text and action.option_strings and says:
-            text += " (default: %(default)s)"
-        return text
+
+def model_problem(model: Path | None) -> str | None:
+    """What makes --model unusable that can be seen without loading anything; None when it looks usable.
+
+    models.resolve_model says the same when it loads (ModelError); checking here first answers before
+    torch is imported.
+    """
+    if model is None:
+        return None  # the default model, prepared on first use
+    if not model.exists():
+        return f"--model {model}: no such directory"
+    if not model.is_dir():
+        return f"--model {model}: not a directory"
+    if not (model / "config.json").is_file():
+        return f"--model {model}: no config.json in it (not a Hugging Face model directory)"
+    if not any(model.glob("*.safetensors")):
+        return f"--model {model}: no *.safetensors weights in it"
+    return None
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -122,7 +138,7 @@ def seconds(text: str) -> float:
     return value
 
 
-def add_local_args(parser: argparse.ArgumentParser, modes: list[str]) -> None:
+def add_local_args(parser: argparse.ArgumentParser, default_mode: str = DEFAULT_MODE) -> None:
     """What every local-side entry takes: where the cloud is, the split, the decoding mode."""
     g = parser.add_argument_group("cloud and split")
     g.add_argument(
@@ -148,5 +164,5 @@ def add_local_args(parser: argparse.ArgumentParser, modes: list[str]) -> None:
         "the context into a new session) for this many seconds before failing the request; 0: fail at once",
     )
     g = parser.add_argument_group("decoding (greedy; every mode gives the same tokens)")
-    g.add_argument("--mode", choices=modes, default="sequential", help="decoding strategy")
+    g.add_argument("--mode", choices=MODES, default=default_mode, help="decoding strategy")
     g.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many generated tokens (or EOS)")

@@ -22,11 +22,37 @@ LOCAL_SERVER_PORT = 5002
 DATA_DIR: Path = user_data_path("splitinfer")
 DEFAULT_MODEL_DIR: Path = DATA_DIR / "models" / "smollm2-135m-instruct"
 
+
+def _checkout() -> Path | None:
+    """The source tree this package runs from (an editable install, or a script beside it); None for a wheel."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "pyproject.toml").is_file() and (root / "experiment_data").is_dir() else None
+
+
+CHECKOUT: Path | None = _checkout()
+
+
+def experiment_out(name: str) -> Path:
+    """An experiment's default --out: experiment_data/NAME of the checkout, else of the current directory."""
+    return (CHECKOUT or Path()) / "experiment_data" / name
+
+
+OUT_HELP = "result file (experiment_data/ of the checkout when run from one, else of the current directory)"
+
+# --mode: the greedy decoding strategies (decoding.strategies.STRATEGIES has one per name; a test checks),
+# named here so that argument parsers need not import torch.
+MODES = ("jacobi", "lookahead", "sequential")
+DEFAULT_MODE = "lookahead"  # the most tokens per round trip; every mode gives the same tokens
+
 # --kernels: auto = ours where they help (kernels.py); torch = transformers' own (sdpa, nn.Linear).
 KERNELS = ("auto", "torch")
 
 # How long the local side keeps reconnecting (and replaying) after losing the cloud mid-generation.
 RECONNECT_TIMEOUT_S = 30.0
+
+# The largest request body the local server reads (a 413 beyond): far above any prompt that fits a context
+# of a few thousand tokens, far below what would take seconds to buffer and parse.
+DEFAULT_MAX_BODY_BYTES = 4 << 20
 
 # Idle cloud sessions are dropped after this long (the spec's 5 minutes).
 SESSION_IDLE_SECONDS = 300.0

@@ -20,9 +20,9 @@ from typing import Protocol
 
 import torch
 
-from . import kv, masks
-from .parts import CloudSpan, LocalHead, LocalTail
-from .remote import WireTiming, to_wire
+from . import hf, masks
+from .parts import LocalHead, LocalTail
+from .remote import WireTiming
 
 
 def _settle(t: torch.Tensor) -> None:
@@ -32,47 +32,16 @@ def _settle(t: torch.Tensor) -> None:
 
 
 class Span(Protocol):
-    """The middle layers, wherever they run."""
+    """The middle layers, wherever they run; `forward` returns what its round trip cost."""
 
     max_step_tokens: int
-    last: WireTiming | None
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: torch.Tensor | None) -> torch.Tensor: ...
+    def forward(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: torch.Tensor | None
+    ) -> tuple[torch.Tensor, WireTiming]: ...
     def crop(self, length: int) -> None: ...
-    def keep(self, start: int, indices: list[int]) -> None: ...
+    def relocate(self, start: int, indices: list[int]) -> None: ...
     def close(self) -> None: ...
-
-
-class InProcessSpan:
-    """The cloud's layers in this process, with the same float16 rounding as the wire; for tests and baselines."""
-
-    def __init__(self, span: CloudSpan, dtype: torch.dtype, max_step_tokens: int = 512):
-        self.span, self.dtype, self.max_step_tokens = span, dtype, max_step_tokens
-        self.cache = kv.new_cache()
-        self.last: WireTiming | None = None
-
-    def crop(self, length: int) -> None:
-        kv.crop(self.cache, length)
-
-    def keep(self, start: int, indices: list[int]) -> None:
-        kv.keep(self.cache, start, indices)
-
-    def forward(self, hidden, cos, sin, block):
-        q, past = hidden.shape[1], kv.length(self.cache)
-        block = torch.ones(q, q, dtype=torch.bool).tril() if block is None else block
-        mask = masks.additive(masks.full_mask(past, block), self.dtype).to(hidden.device)
-
-        def wire(t: torch.Tensor) -> torch.Tensor:  # what a float16 round trip does to a tensor
-            return torch.from_numpy(to_wire(t)).to(hidden.device, self.dtype)
-
-        t0 = time.perf_counter()
-        out = self.span(wire(hidden), wire(cos), wire(sin), mask, self.cache)
-        ms = (time.perf_counter() - t0) * 1000.0
-        self.last = WireTiming(0.0, ms, ms, 0, 0)
-        return wire(out).to(hidden.dtype)
-
-    def close(self) -> None:
-        self.cache = kv.new_cache()
 
 
 @dataclass
@@ -95,10 +64,11 @@ class SplitModel:
     def __init__(self, head: LocalHead, tail: LocalTail, span: Span, dtype: torch.dtype, device: str = "cpu"):
         self.head, self.tail, self.span = head, tail, span
         self.dtype, self.device = dtype, device
-        self.cache = kv.new_cache()  # the local layers' caches (head and tail share one DynamicCache)
+        self.cache = hf.new_cache()  # the local layers' caches (head and tail share one DynamicCache)
         self.length = 0  # committed context entries, equal on both sides
         self.pending: int | None = None  # block size of a forward not yet committed
-        self.timings: list[StepTiming] = []
+        self.timings: list[StepTiming] = []  # every forward so far
+        self._taken = 0  # timings already handed out by take_timings()
 
     @property
     def max_step_tokens(self) -> int:
@@ -124,25 +94,30 @@ class SplitModel:
         hidden = self.head(ids, cos, sin, mask, self.cache)  # [1, q, H]
         _settle(hidden)
         t1 = time.perf_counter()
-        hidden = self.span.forward(hidden, cos, sin, None if chain else block)
+        hidden, wire = self.span.forward(hidden, cos, sin, None if chain else block)
         t2 = time.perf_counter()
         logits = self.tail(hidden, cos, sin, mask, self.cache)  # [q, vocab]
         _settle(logits)
         t3 = time.perf_counter()
         self.pending = q
-        wire = self.span.last
         self.timings.append(
             StepTiming(
                 tokens=q,
                 local_before_ms=(t1 - t0) * 1000.0,
                 local_after_ms=(t3 - t2) * 1000.0,
-                serialize_ms=wire.serialize_ms if wire else 0.0,
-                wait_ms=wire.wait_ms if wire else (t2 - t1) * 1000.0,
-                cloud_ms=wire.cloud_ms if wire else 0.0,
-                network_ms=wire.network_ms if wire else 0.0,
+                serialize_ms=wire.serialize_ms,
+                wait_ms=wire.wait_ms,
+                cloud_ms=wire.cloud_ms,
+                network_ms=wire.network_ms,
             )
         )
         return logits
+
+    def take_timings(self) -> list[StepTiming]:
+        """The timings of the forwards since the last call (decoding.drive pairs them with their step)."""
+        fresh = self.timings[self._taken :]
+        self._taken = len(self.timings)
+        return fresh
 
     def commit(self, keep: Sequence[int] | None = None) -> None:
         """Make block entries context: all (None), or `keep`, block indices in order (a root-to-node path)."""
@@ -154,12 +129,12 @@ class SplitModel:
         if keep == list(range(len(keep))):  # a prefix: a crop is enough
             new_length = self.length + len(keep)
             if len(keep) < q:
-                kv.crop(self.cache, new_length)
+                hf.crop(self.cache, new_length)
                 self.span.crop(new_length)
         else:
             absolute = [self.length + i for i in keep]
-            kv.keep(self.cache, self.length, absolute)
-            self.span.keep(self.length, absolute)
+            hf.relocate(self.cache, self.length, absolute)
+            self.span.relocate(self.length, absolute)
             new_length = self.length + len(keep)
         self.length = new_length
 

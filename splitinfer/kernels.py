@@ -9,19 +9,20 @@ Linear layers:
 
 A decoding step on a CPU is bound by reading the weights from memory, once per
 step, whatever the block size.  MKL's GEMM for a handful of rows (2..16, a
-token tree) re-reads the weights and costs almost twice as much as one row, and
+token tree) re-reads the weights and costs nearly twice as much as one row, and
 its one-row kernel (GEMV) does not use a second thread; oneDNN with weights
 packed ahead of time for a small batch stays near the one-row cost up to ~8
-rows and spreads every block, one row included, over the threads (the LM head,
-one row, 2 threads: 9.5 ms against MKL's 17).  So on a CPU in float32 each
-linear map keeps a oneDNN copy of its weight and uses it for every block but a
-single row on a single thread, where the GEMV is faster (118 against 132 ms for
-a whole one-token step; with 2 threads 109 against 85).  The price is a second
-copy of every packed matrix in memory (the plain weight stays for a tied
-embedding and for anything that reads `.weight`).
+rows and spreads every block, one row included, over the threads.  So on a CPU
+in float32 each linear map keeps a oneDNN copy of its weight and uses it for
+every block but a single row on a single thread, where the GEMV is faster.
+The price is a second copy of every packed matrix in memory (the plain weight
+stays for a tied embedding and for anything that reads `.weight`).  The
+measurements behind these choices are in experiment_data/step_cost.json
+(a step with transformers' kernels against these).
 
 Elsewhere (GPU, float16, a torch built without oneDNN) the model's own
-nn.Linear is left alone: `pack_linears` reports 0 modules packed.
+nn.Linear is left alone: `pack_linears` reports 0 modules packed.  The private
+oneDNN ops and transformers' attention table are reached through hf.py.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import AttentionInterface, PretrainedConfig
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers import PretrainedConfig
 
+from . import hf
 from .config import KERNELS
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 PACK_BATCH = 16  # the block size oneDNN lays the weights out for; measured flat from 2 to 16 rows
 
 
-ATTENTION = "splitinfer_sdpa"  # registered below; use_kernels names it in a side's config
+ATTENTION = "splitinfer_sdpa"  # use_kernels registers `attention` under this name and names it in a side's config
 GPU_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]  # no cuDNN
 
 
@@ -58,18 +59,15 @@ def attention(
 ) -> tuple[torch.Tensor, None]:  # [batch, q, heads, head_dim]
     if query.device.type != "cpu":  # CUDA's fused kernels refuse enable_gqa with a mask: transformers' own path
         # ...but not through cuDNN's attention, which torch tries first for a masked block on recent GPUs:
-        # profiled on an H200 (benchmarks/profile_step.py), it spent 1.45 ms of host time per call, 43 of
-        # a 64 ms 2-token step over 30 layers, against 16 ms for one token.
+        # profiled on an H200 (benchmarks/profile_step.py), its host time per call made a 2-token step
+        # cost several times a one-token step.
         with sdpa_kernel(GPU_ATTENTION):
-            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+            return hf.sdpa_attention(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     out = F.scaled_dot_product_attention(
         query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1],
     )
     return out.transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register(ATTENTION, attention)
 
 
 class PackedLinear(nn.Module):
@@ -79,12 +77,12 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.weight = linear.weight  # shared with the original (and with a tied embedding)
         self.bias = linear.bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), PACK_BATCH)
+        self.packed = hf.onednn_pack(linear.weight, PACK_BATCH)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., rows, in] -> [..., rows, out]
         if x.shape[-2] == 1 and torch.get_num_threads() == 1:  # one row on one thread: MKL's GEMV is faster
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return hf.onednn_linear(x, self.packed, self.bias)
 
 
 def packing_works(device: str | torch.device, dtype: torch.dtype) -> bool:
@@ -107,7 +105,9 @@ def use_kernels(
     """Switch one side's modules (sharing `config`) to `kernels`; returns how many linear maps were packed."""
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-    config._attn_implementation = ATTENTION if kernels == "auto" else "sdpa"  # read by every attention call
+    if kernels == "auto":
+        hf.register_attention(ATTENTION, attention)
+    hf.set_attention(config, ATTENTION if kernels == "auto" else "sdpa")
     return sum(pack_linears(part, kernels, device, dtype) for part in parts)
 
 

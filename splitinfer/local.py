@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ import torch
 from transformers import AutoTokenizer
 
 from .config import Split
-from .decoding import Result
+from .decoding import Strategy
+from .decoding.drive import Step, drive
 from .decoding.lookahead import Memory
 from .decoding.strategies import STRATEGIES
 from .engine import SplitModel, Span
@@ -40,6 +40,20 @@ class Generation:
     prefill_seconds: float
     decode_seconds: float
     timings: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, text: str, steps: Sequence[Step]) -> "Generation":
+        """A run's report from its steps: the prefill's time and forwards apart from the decoding steps'."""
+        decoding = [step for step in steps if not step.prefill]
+        return cls(
+            text=text,
+            token_ids=[t for step in steps for t in step.tokens],
+            steps=len(decoding),
+            per_step=[len(step.tokens) for step in decoding],
+            prefill_seconds=sum(step.seconds for step in steps if step.prefill),
+            decode_seconds=sum(step.seconds for step in decoding),
+            timings=[t.as_dict() for step in decoding for t in step.timings],
+        )
 
     @property
     def tokens_per_second(self) -> float:
@@ -80,7 +94,7 @@ class LocalSide:
         self.split = Split(num_layers, split_after, -2 if resume_at is None else resume_at)
         self.head, self.tail, self.config, held = load_local(self.model_dir, self.split, self.device, self.dtype)
         self.held = describe(held)
-        # What the cloud must compute for this split: every cloud session is checked against it (remote.py).
+        # What the cloud must compute for this split: every cloud session is checked against it (remote/).
         self.identity: Identity = of_model(self.model_dir, self.config, self.split.cloud_layers)
         self.kernels = kernels
         self.packed = use_kernels([self.head, self.tail], self.config, kernels, self.device, self.dtype)
@@ -137,33 +151,28 @@ class LocalSide:
         span: Span,
         prompt_ids: list[int],
         max_new: int,
-        mode: str = "sequential",
+        mode: str = "lookahead",
+        memory: Memory | None = None,
         on_tokens: Callable[[list[int]], None] | None = None,
         **options,
     ) -> Generation:
+        """Generate with the registry's `mode`; `memory` defaults to this side's own (kept across generations)."""
+        strategy = STRATEGIES[mode](self.memory if memory is None else memory, **options)
+        return self.run(span, strategy, prompt_ids, max_new, on_tokens)
+
+    def run(
+        self,
+        span: Span,
+        strategy: Strategy,
+        prompt_ids: list[int],
+        max_new: int,
+        on_tokens: Callable[[list[int]], None] | None = None,
+    ) -> Generation:
+        """One generation through `span` with a fresh SplitModel; `on_tokens` sees each step's tokens."""
         lm = self.model(span)
-        if mode == "lookahead":
-            options.setdefault("memory", self.memory)
-        strategy = STRATEGIES[mode](lm, prompt_ids, max_new, self.eos, **options)
-        result = Result()
-        t0 = time.perf_counter()
-        t_first = t0
-        for i, chunk in enumerate(strategy):
-            if i == 0:
-                t_first = time.perf_counter()
-            else:
-                result.per_step.append(len(chunk))
-            result.tokens.extend(chunk)
+        steps: list[Step] = []
+        for step in drive(strategy(lm, prompt_ids, max_new, self.eos), lm):
+            steps.append(step)
             if on_tokens:
-                on_tokens(chunk)
-        t_end = time.perf_counter()
-        prefill_steps = len(lm.timings) - result.steps
-        return Generation(
-            text=self.decode(result.tokens),
-            token_ids=result.tokens,
-            steps=result.steps,
-            per_step=result.per_step,
-            prefill_seconds=t_first - t0,
-            decode_seconds=t_end - t_first,
-            timings=[t.as_dict() for t in lm.timings[prefill_steps:]],
-        )
+                on_tokens(step.tokens)
+        return Generation.of(self.decode([t for step in steps for t in step.tokens]), steps)

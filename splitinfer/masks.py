@@ -45,6 +45,11 @@ def positions(past: int, parents: Sequence[int]) -> torch.Tensor:
     return torch.tensor([[past + d for d in depths(parents)]], dtype=torch.long)
 
 
+def causal(q: int) -> torch.Tensor:
+    """[q, q] bool lower triangle: a plain chain's block (block_mask(chain(q)) without the walk)."""
+    return torch.ones(q, q, dtype=torch.bool).tril()
+
+
 def block_mask(parents: Sequence[int]) -> torch.Tensor:
     """[q, q] bool: token i sees token j iff j is i itself or one of its ancestors."""
     check_parents(parents)
@@ -55,11 +60,6 @@ def block_mask(parents: Sequence[int]) -> torch.Tensor:
         if p >= 0:
             mask[i] |= mask[p]
     return mask
-
-
-def is_chain_mask(block: torch.Tensor) -> bool:
-    q = block.shape[0]
-    return bool(torch.equal(block, torch.ones(q, q, dtype=torch.bool).tril()))
 
 
 def full_mask(past: int, block: torch.Tensor) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
+from . import hf
 from .config import DEFAULT_MODEL_DIR
 
 log = logging.getLogger(__name__)
@@ -57,16 +58,11 @@ def prepare_default_model(out: Path, gguf: Path | None = None) -> Path:
     log.warning("preparing the default model: %s -> %s (one-off, about 40 s)", src.name, out)
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
-    # The weights are already dequantised; drop the GGUF quantiser so it saves as plain safetensors.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     out.parent.mkdir(parents=True, exist_ok=True)
     # Write next to the target and rename, so an interrupted run never leaves a half model behind.
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        hf.save_dequantised(model, tokenizer, tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -104,11 +100,12 @@ def resolve_model(model: str | Path | None) -> Path:
 
 
 def load_config(model_dir: Path) -> PretrainedConfig:
+    hf.check_version()  # every side reads its config first: a transformers outside the range stops here
     config = AutoConfig.from_pretrained(model_dir)
     config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     # Explicit masks everywhere: sdpa honours them; flash kernels would not.  kernels.use_kernels
     # may switch a side to its own sdpa without the copy of the cache per query head.
-    config._attn_implementation = "sdpa"
+    hf.set_attention(config, "sdpa")
     return config
 
 
@@ -153,6 +150,7 @@ class Skeleton:
 
     config: PretrainedConfig
     model: torch.nn.Module
+    parts: hf.DecoderParts  # the model's own modules, still on the meta device
 
     @property
     def num_layers(self) -> int:
@@ -163,13 +161,11 @@ def build_skeleton(model_dir: Path) -> Skeleton:
     config = load_config(model_dir)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    decoder = getattr(model, "model", None)
-    for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
-        if not hasattr(decoder, attr):
-            raise ModelError(
-                f"{model_dir}: {type(model).__name__} is not a Llama-family decoder (no model.{attr})"
-            )
-    return Skeleton(config, model)
+    try:
+        parts = hf.decoder_parts(model)
+    except hf.NotADecoder as exc:
+        raise ModelError(f"{model_dir}: {exc}") from None
+    return Skeleton(config, model, parts)
 
 
 def materialise(

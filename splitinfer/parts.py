@@ -7,7 +7,7 @@
 Every forward takes explicit rotary tensors, an explicit additive mask against
 the whole cache and the cache itself, so the same code serves prefill, one
 token, and a token tree.  The decoder layers are the model's own
-transformers modules (Llama, Mistral, Qwen2 ...), called directly.
+transformers modules (Llama, Mistral, Qwen2 ...), called through hf.py.
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import DynamicCache, PretrainedConfig
+from transformers import PretrainedConfig
 
+from . import hf
 from .config import Split
 from .models import build_skeleton, materialise
 
@@ -39,12 +40,10 @@ class LayerSpan(nn.Module):
         cos: torch.Tensor,  # [1, q, head_dim]
         sin: torch.Tensor,  # [1, q, head_dim]
         mask: torch.Tensor,  # [1, 1, q, past + q] additive
-        cache: DynamicCache,
+        cache: hf.Cache,
     ) -> torch.Tensor:  # [1, q, hidden_size]
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), cache=cache, use_cache=True)
-            if hidden.dim() == 2:  # some layer classes drop the batch dimension of a single row
-                hidden = hidden.unsqueeze(0)
+            hidden = hf.call_layer(layer, hidden, mask, cos, sin, cache)
         return hidden
 
 
@@ -57,8 +56,7 @@ class LocalHead(nn.Module):
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [1, q, head_dim] for positions [1, q], as the model's own rotary embedding makes them."""
-        probe = torch.empty(0, dtype=dtype, device=self.embed.weight.device)
-        return self.rotary(probe, positions.to(probe.device))
+        return hf.rope(self.rotary, positions, dtype)
 
     def forward(self, tokens: torch.Tensor, cos, sin, mask, cache) -> torch.Tensor:
         return self.span(self.embed(tokens), cos, sin, mask, cache)  # tokens [1, q] -> [1, q, hidden]
@@ -92,19 +90,19 @@ def load_local(
     sk = build_skeleton(model_dir)
     if sk.num_layers != split.num_layers:
         raise ValueError(f"split is for {split.num_layers} layers, the model has {sk.num_layers}")
-    decoder = sk.model.model
-    modules: dict[str, nn.Module] = {"model.embed_tokens": decoder.embed_tokens, "model.norm": decoder.norm}
+    p = sk.parts
+    modules: dict[str, nn.Module] = {"model.embed_tokens": p.embed, "model.norm": p.norm}
     for i in split.local_layers:
-        modules[f"model.layers.{i}"] = decoder.layers[i]
+        modules[f"model.layers.{i}"] = p.layers[i]
     tied = bool(getattr(sk.config, "tie_word_embeddings", False))
     if not tied:
-        modules["lm_head"] = sk.model.lm_head
+        modules["lm_head"] = p.lm_head
     held = materialise(model_dir, modules, device, dtype)
     if tied:  # one matrix serves both ends, as in the full model
-        sk.model.lm_head.weight = decoder.embed_tokens.weight
-    rotary = type(decoder.rotary_emb)(config=sk.config).to(device)  # real buffers, not meta
-    head = LocalHead(decoder.embed_tokens, rotary, LayerSpan({i: decoder.layers[i] for i in split.head_layers}))
-    tail = LocalTail(LayerSpan({i: decoder.layers[i] for i in split.tail_layers}), decoder.norm, sk.model.lm_head)
+        p.lm_head.weight = p.embed.weight
+    rotary = hf.rotary(p.rotary, sk.config, device)
+    head = LocalHead(p.embed, rotary, LayerSpan({i: p.layers[i] for i in split.head_layers}))
+    tail = LocalTail(LayerSpan({i: p.layers[i] for i in split.tail_layers}), p.norm, p.lm_head)
     return head, tail, sk.config, held
 
 
@@ -115,6 +113,6 @@ def load_cloud(
     sk = build_skeleton(model_dir)
     if sk.num_layers != split.num_layers:
         raise ValueError(f"split is for {split.num_layers} layers, the model has {sk.num_layers}")
-    layers = {i: sk.model.model.layers[i] for i in split.cloud_layers}
+    layers = {i: sk.parts.layers[i] for i in split.cloud_layers}
     held = materialise(model_dir, {f"model.layers.{i}": m for i, m in layers.items()}, device, dtype)
     return CloudSpan(layers), sk.config, held

@@ -12,8 +12,6 @@ from typing import Iterator
 
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-
 
 def free_port(pair: bool = False) -> int:
     """A free loopback port; with pair=True, one whose successor is free too (HTTP + WebSocket)."""
@@ -52,8 +50,8 @@ def wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float 
 
 
 @contextmanager
-def script_process(
-    script: str,
+def command_process(
+    command: str,
     args: list[str],
     port: int,
     model: Path | None = None,
@@ -63,8 +61,11 @@ def script_process(
     wait: bool = True,
     timeout: float = 180.0,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """One of this repo's server scripts on loopback; yields (http url, process) and stops it on exit."""
-    cmd = [sys.executable, str(ROOT / script), *args]
+    """`python -m splitinfer COMMAND` (a server) on loopback; yields (http url, process) and stops it on exit.
+
+    The package, not a script path: it runs the same from a checkout, a wheel or any working directory.
+    """
+    cmd = [sys.executable, "-m", "splitinfer", command, *args]
     if model is not None:
         cmd += ["--model", str(model)]
     if threads:
@@ -96,8 +97,8 @@ def cloud_process(
     threads: int | None = None,
     log_file: Path | None = None,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A real cloud_server_kv.py process on loopback; yields (http url, process) and stops it on exit."""
+    """A real cloud server process on loopback; yields (http url, process) and stops it on exit."""
     port = port or free_port(pair=True)
     args = ["--port", str(port), "--ws-port", str(port + 1)]
-    with script_process("cloud_server_kv.py", args, port, model, threads, extra, log_file) as running:
+    with command_process("cloud", args, port, model, threads, extra, log_file) as running:
         yield running

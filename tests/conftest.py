@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -9,10 +10,11 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
 from splitinfer.config import Split
-from splitinfer.engine import InProcessSpan, SplitModel
+from splitinfer.engine import SplitModel
 from splitinfer.identity import Identity, of_model
 from splitinfer.models import load_config, resolve_model
 from splitinfer.parts import load_cloud, load_local
+from splitinfer.testing import InProcessSpan
 
 TINY = dict(
     hidden_size=64,
@@ -71,9 +73,15 @@ def split_model(model_dir: Path, split_after: int = 1, resume_at: int = -2, dtyp
     return SplitModel(head, tail, InProcessSpan(span, dtype), dtype)
 
 
+@cache
+def reference_model(model_dir: Path) -> torch.nn.Module:
+    """The unsplit model, loaded once per model directory for the whole session (tests only read it)."""
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
 def hf_greedy(model_dir: Path, prompt: list[int], max_new: int, eos: int | None = None) -> list[int]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = torch.tensor([prompt])
+    model = reference_model(Path(model_dir).resolve())
+    ids = torch.tensor([prompt])  # [1, prompt]
     out = model.generate(
         ids, max_new_tokens=max_new, min_new_tokens=max_new if eos is None else 0, do_sample=False,
         eos_token_id=eos, pad_token_id=0,

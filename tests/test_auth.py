@@ -9,7 +9,6 @@ connection but the one that opened it.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import secrets
 import shutil
 import ssl
@@ -27,7 +26,8 @@ from websockets.sync.client import connect
 
 from splitinfer import cli, protocol
 from splitinfer.cloud.server import _token_ok, is_loopback
-from splitinfer.procs import ROOT, cloud_process
+from splitinfer.commands import cloud as cloud_command
+from splitinfer.procs import cloud_process
 from splitinfer.remote import CloudConnection, CloudError, cloud_session, ws_url
 
 from conftest import cloud_identity
@@ -51,7 +51,8 @@ def cloud(tiny_llama, tmp_path_factory):
 def forward(span, q: int = 2) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, q, 64, generator=g)
-    return span.forward(hidden, torch.ones(1, q, 16), torch.zeros(1, q, 16), None)
+    out, _timing = span.forward(hidden, torch.ones(1, q, 16), torch.zeros(1, q, 16), None)
+    return out
 
 
 def handshake_status(url: str, authorization: str | None) -> int:
@@ -177,10 +178,7 @@ def listening_addresses(pid: int) -> set[str]:
 
 @pytest.mark.slow
 def test_the_server_binds_loopback_unless_told(cloud):
-    spec = importlib.util.spec_from_file_location("cloud_server_kv", ROOT / "cloud_server_kv.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    assert script.parse_args([]).host == "127.0.0.1"
+    assert cloud_command.parse_args([]).host == "127.0.0.1"
     addresses = listening_addresses(cloud.proc.pid)
     port = int(cloud.url.rsplit(":", 1)[1])
     assert {f"0100007F:{port:04X}", f"0100007F:{port + 1:04X}"} <= addresses  # HTTP and WebSocket
@@ -306,7 +304,7 @@ def test_cloud_refuses_to_start_with_a_blank_token_variable(tiny_llama):
     import sys
 
     env = {**os.environ, cli.TOKEN_ENV: "   "}
-    cmd = [sys.executable, str(ROOT / "cloud_server_kv.py"), "--model", str(tiny_llama), "--port", "1", "--ws-port", "2"]
+    cmd = [sys.executable, "-m", "splitinfer", "cloud", "--model", str(tiny_llama), "--port", "1", "--ws-port", "2"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "set but blank" in done.stderr

@@ -184,3 +184,34 @@ def test_a_refused_first_forward_leaves_an_empty_cache(core):
     core.span = real
     assert core.sessions[sid].length == 0
     assert fwd(core, sid, 2, 3).header["cache_len"] == 3
+
+
+def test_standalone_relocate_and_crop_equal_the_same_edits_riding_on_forward(core):
+    """The protocol's own crop / relocate frames leave the cache as the edits inside a forward do."""
+    tree = [[1, 0, 0], [1, 1, 0], [1, 0, 1]]
+    a, b = open_session(core, conn=1), open_session(core, conn=2)
+    for sid, conn in ((a, 1), (b, 2)):
+        fwd(core, sid, 1, 4, conn=conn)
+        fwd(core, sid, 2, 3, conn=conn, mask=tree)  # a small tree at 4..6
+    relocated = ask(core, 1, {"op": "relocate", "session": a, "step": 3, "start": 4, "indices": [4, 6]})
+    assert relocated.op == "ok" and relocated.header["cache_len"] == 6
+    cropped = ask(core, 1, {"op": "crop", "session": a, "step": 4, "length": 5})
+    assert cropped.op == "ok" and cropped.header["cache_len"] == 5
+    edits = [{"op": "relocate", "start": 4, "indices": [4, 6]}, {"op": "crop", "length": 5}]
+    ra, rb = fwd(core, a, 5, 2, conn=1, seed=3), fwd(core, b, 3, 2, conn=2, edits=edits, seed=3)
+    assert ra.header["cache_len"] == rb.header["cache_len"] == 7
+    assert np.array_equal(ra.tensors["hidden"], rb.tensors["hidden"])
+
+
+def test_a_full_width_mask_equals_the_block_mask(core):
+    """A mask over past + q keys (the whole cache) gives what the [q, q] block gives; another width is refused."""
+    tree = np.array([[1, 0, 0], [1, 1, 0], [1, 0, 1]], bool)
+    a, b = open_session(core, conn=1), open_session(core, conn=2)
+    fwd(core, a, 1, 4, conn=1)
+    fwd(core, b, 1, 4, conn=2)
+    full = np.concatenate([np.ones((3, 4), bool), tree], axis=1)  # [3, 4 + 3]
+    ra, rb = fwd(core, a, 2, 3, conn=1, mask=tree, seed=2), fwd(core, b, 2, 3, conn=2, mask=full, seed=2)
+    assert np.array_equal(ra.tensors["hidden"], rb.tensors["hidden"])
+    refused = fwd(core, a, 3, 3, conn=1, mask=np.ones((3, 5), bool))
+    assert refused.op == "error" and refused.header["code"] == "bad_shape"
+    assert core.sessions[a].length == 7

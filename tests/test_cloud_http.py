@@ -102,7 +102,8 @@ def cloud(tiny_llama, tmp_path_factory):
 def forward(span, q: int = 2) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, q, 64, generator=g)
-    return span.forward(hidden, torch.ones(1, q, 16), torch.zeros(1, q, 16), None)
+    out, _timing = span.forward(hidden, torch.ones(1, q, 16), torch.zeros(1, q, 16), None)
+    return out
 
 
 def handshake_request(*headers: str) -> bytes:
@@ -392,12 +393,12 @@ def test_the_http_server_serves_descriptors_above_1023():
 
 
 def test_at_the_http_cap_the_longest_idle_connection_makes_room():
-    with http_server(HttpLimits(connection_limit=8, idle_timeout=30)) as port:
+    idle_timeout = 30
+    with http_server(HttpLimits(connection_limit=8, idle_timeout=idle_timeout)) as port:
         idle = open_idle(port, 30)
         try:
-            start = time.monotonic()
-            assert requests.get(f"http://127.0.0.1:{port}/health", timeout=5).text == "ok"
-            assert time.monotonic() - start < 4  # not after the 30 s idle timeout
+            # Answered well before any idle connection times out: one was closed to make room.
+            assert requests.get(f"http://127.0.0.1:{port}/health", timeout=idle_timeout / 6).text == "ok"
             assert still_open(idle) <= 8
         finally:
             for s in idle:

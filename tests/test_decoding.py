@@ -5,13 +5,15 @@ import torch
 
 from splitinfer import decoding
 from splitinfer.decoding.budget import CostModel
+from splitinfer.decoding.drive import drive
 from splitinfer.decoding.jacobi import jacobi
-from splitinfer.decoding.lookahead import lookahead
+from splitinfer.decoding.lookahead import Memory, lookahead
+from splitinfer.decoding.sampling import sampler
 from splitinfer.decoding.sequential import sequential
 from splitinfer.decoding.sources import NgramPool, RecyclingTable, SuffixIndex
+from splitinfer.decoding.strategies import STRATEGIES
 from splitinfer.decoding.tree import Calibration, Trie, build, verify
-
-from fakes import FakeLM
+from splitinfer.testing import FakeLM
 
 PROMPTS = [[1, 2, 3, 4], [7, 7, 7], [10, 20, 10, 20, 10, 20, 10], [3]]
 MODES = {
@@ -79,6 +81,43 @@ def test_whole_path_accepted():
     assert result.tokens == [(9 + 1 + i) % 10 for i in range(150)]
     # Some step accepted every node it verified (a chain of q nodes) and added the bonus: q tokens.
     assert any(n == q for n, q in zip(result.per_step, lm.calls[1:]) if q > 4)
+
+
+# --- the driver and the registry ----------------------------------------------------------------
+
+
+def test_drive_pairs_each_step_with_its_forwards():
+    """The prefill's step carries every prompt chunk's forward; each later step carries its one forward."""
+    lm = FakeLM(max_step_tokens=4)
+    prompt = PROMPTS[2]  # 7 tokens: two prefill chunks of at most 4
+    steps = list(drive(lookahead(lm, prompt, 30, frozenset(), max_verify=4), lm))
+    assert [s.prefill for s in steps] == [True] + [False] * (len(steps) - 1)
+    assert [t.tokens for t in steps[0].timings] == [4, 3]
+    assert all(len(s.timings) == 1 for s in steps[1:])
+    assert [t.tokens for s in steps for t in s.timings] == lm.calls
+    assert [t for s in steps for t in s.tokens] == FakeLM().greedy(prompt, 30)
+
+
+def test_closing_the_driver_stops_the_strategy():
+    lm = FakeLM()
+    steps = drive(sequential(lm, [1, 2], 50, frozenset()), lm)
+    next(steps), next(steps)
+    steps.close()
+    assert len(lm.calls) == 2 and lm.pending is None
+
+
+@pytest.mark.parametrize("mode", sorted(STRATEGIES))
+def test_every_factory_takes_the_memory_and_gives_the_greedy_tokens(mode):
+    memory = Memory()
+    strategy = STRATEGIES[mode](memory)
+    assert decoding.run(strategy(FakeLM(), PROMPTS[0], 40, frozenset())).tokens == FakeLM().greedy(PROMPTS[0], 40)
+    if mode == "lookahead":  # the memory is the one it learns in
+        assert memory.cost.anchor is not None
+
+
+def test_sampling_has_the_factory_shape():
+    strategy = sampler(Memory(), temperature=1e-4)
+    assert decoding.run(strategy(FakeLM(), PROMPTS[1], 20, frozenset())).tokens == FakeLM().greedy(PROMPTS[1], 20)
 
 
 # --- the pieces, against hand-checked examples -------------------------------------------------

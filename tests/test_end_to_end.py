@@ -13,7 +13,7 @@ from websockets.sync.client import connect
 
 from splitinfer import protocol
 from splitinfer.local import LocalSide
-from splitinfer.procs import ROOT, cloud_process
+from splitinfer.procs import cloud_process
 from splitinfer.remote import cloud_session, ws_url
 
 from conftest import hf_greedy
@@ -107,8 +107,8 @@ def test_hostile_frames_get_typed_errors_and_the_server_keeps_serving(cloud, loc
 
 def test_interactive_one_shot_json(cloud, default_model):
     out = subprocess.run(
-        [sys.executable, str(ROOT / "interactive.py"), "--cloud", cloud, "--model", str(default_model),
-         "--prompt", "Say hello.", "--max-new-tokens", "8", "--json", "--threads", "1"],
+        [sys.executable, "-m", "splitinfer", "chat", "--cloud", cloud, "--model", str(default_model),
+         "--prompt", "Say hello.", "--max-new-tokens", "8", "--json", "--threads", "1", "--mode", "sequential"],
         capture_output=True, text=True, timeout=300, check=True,
     )
     result = json.loads(out.stdout)

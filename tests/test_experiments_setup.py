@@ -12,7 +12,6 @@ from splitinfer.cli import add_model_args, add_testbed_args
 from splitinfer.experiments import testbed
 from splitinfer.local import LocalSide
 from splitinfer.models import ModelError, prepare_default_model
-from splitinfer.procs import ROOT
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +57,6 @@ def test_prepare_model_refuses_a_missing_gguf(tmp_path):
         prepare_default_model(tmp_path / "out", tmp_path / "absent.gguf")
     cmd = [sys.executable, "-m", "splitinfer", "prepare-model", "--gguf", str(tmp_path / "absent.gguf"),
            "--out", str(tmp_path / "out")]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 1 and "no such GGUF file" in done.stderr and "Traceback" not in done.stderr
     assert not (tmp_path / "out").exists()

@@ -36,8 +36,9 @@ from hypothesis import strategies as st
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
-from splitinfer import protocol
+from splitinfer import decoding, protocol
 from splitinfer.config import Split
+from splitinfer.decoding.lookahead import Memory
 from splitinfer.decoding.strategies import STRATEGIES
 from splitinfer.engine import SplitModel
 from splitinfer.models import load_config
@@ -86,7 +87,7 @@ class Honest:
     def generate(self, mode: str) -> list[int]:
         with cloud_session(self.ws, TOKEN, expected=self.identity, reconnect_timeout=None) as span:
             lm = SplitModel(self.head, self.tail, span, torch.float32)
-            return [t for chunk in STRATEGIES[mode](lm, PROMPT, 60, frozenset()) for t in chunk]
+            return decoding.run(STRATEGIES[mode](Memory())(lm, PROMPT, 60, frozenset())).tokens
 
 
 @pytest.fixture(scope="module")

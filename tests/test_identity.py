@@ -24,13 +24,15 @@ from splitinfer.cloud.server import build
 from splitinfer.config import Limits, Split
 from splitinfer.identity import Identity, of_model, sample_offsets, weights_digest, _read_header
 from splitinfer.models import load_config
-from splitinfer.procs import ROOT, cloud_process
+from splitinfer.procs import cloud_process
 from splitinfer.remote import CloudError, check_identity, cloud_session, ws_url
 
 from conftest import cloud_identity, write_tiny
 from test_reliability import TINY_PROMPT, Cloud, TinySide
 
-DEFAULT = Identity(576, 9, 3, 64, 30, 2, 27, "a" * 64)
+# A stated identity for the wording and JSON tests: any values do (these are the default model's shapes).
+DEFAULT = Identity(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64, num_layers=30,
+                   first_layer=2, last_layer=27, weights="a" * 64)
 
 
 def with_changes(identity: Identity, **changes) -> Identity:
@@ -104,12 +106,13 @@ def read_bytes() -> int:
 @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/self/io to count bytes read")
 def test_the_digest_reads_samples_not_tensors(default_model):
     """The default model's cloud span is ~370 MB of float32; the digest reads a few hundred KB of it."""
-    weights_digest(default_model, range(2, 28))  # warm the page cache: the bound below is about time, not disk
+    cloud_layers = Split(load_config(default_model).num_hidden_layers).cloud_layers
+    weights_digest(default_model, cloud_layers)  # warm the page cache: the bound below is about time, not disk
     before = read_bytes()
-    digest = weights_digest(default_model, range(2, 28))
+    digest = weights_digest(default_model, cloud_layers)
     read = read_bytes() - before
     assert read < 1 << 20, read
-    assert digest == weights_digest(default_model, range(2, 28))
+    assert digest == weights_digest(default_model, cloud_layers)
 
 
 def test_the_identity_is_the_split_of_the_local_side(default_model):
@@ -117,8 +120,11 @@ def test_the_identity_is_the_split_of_the_local_side(default_model):
     config = load_config(default_model)
     split = Split(config.num_hidden_layers, split_after=3, resume_at=-4)
     ident = of_model(default_model, config, split.cloud_layers)
-    assert (ident.first_layer, ident.last_layer, ident.num_layers) == (4, 25, 30)
-    assert (ident.hidden_size, ident.num_attention_heads, ident.num_key_value_heads, ident.head_dim) == (576, 9, 3, 64)
+    layers = config.num_hidden_layers
+    assert (ident.first_layer, ident.last_layer, ident.num_layers) == (4, layers - 5, layers)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    assert (ident.hidden_size, ident.num_attention_heads, ident.num_key_value_heads, ident.head_dim) == (
+        config.hidden_size, config.num_attention_heads, config.num_key_value_heads, head_dim)
 
 
 # ------------------------------------------------------------------------------ wording and JSON
@@ -167,7 +173,7 @@ def test_check_identity_errors():
 
 def test_a_mismatch_is_never_retried():
     for code in ("mismatch", "version"):
-        assert code not in remote.SESSION_LOST and code not in remote._RETRY_WHILE_RECONNECTING
+        assert code not in remote.SESSION_LOST and code not in remote.RETRY_WHILE_RECONNECTING
 
 
 # ------------------------------------------------------------------------------ real processes
@@ -184,7 +190,7 @@ def shifted_cloud(default_model, tmp_path_factory):
 @pytest.mark.slow
 def test_interactive_refuses_a_cloud_with_other_layers(shifted_cloud, default_model):
     done = subprocess.run(
-        [sys.executable, str(ROOT / "interactive.py"), "--cloud", shifted_cloud, "--model", str(default_model),
+        [sys.executable, "-m", "splitinfer", "chat", "--cloud", shifted_cloud, "--model", str(default_model),
          "--prompt", "Say hello.", "--max-new-tokens", "4", "--threads", "1"],
         capture_output=True, text=True, timeout=300,
     )

@@ -11,8 +11,10 @@ import torch
 from splitinfer.privacy import metrics, report
 from splitinfer.privacy.attackers import MLPClassifier, OutputReader, RidgeNN, TableNN, WhiteBox, WhiteBoxConfig
 from splitinfer.privacy.experiment import Settings, run
-from splitinfer.privacy.public import LINEAR_NAMES, PrefixKV, Public, load_victim, lora_finetune, perturb_layers, wire_states
-from splitinfer.privacy.wiretap import client_messages, find_id_runs, parse_frames, Capture
+from splitinfer.privacy.defences import LINEAR_NAMES, lora_finetune, perturb_layers
+from splitinfer.privacy.public import DTYPE, PrefixKV, Public
+from splitinfer.privacy.victim import TapSpan, load_victim, wire_states
+from splitinfer.privacy.wiretap import OP_BINARY, Capture, client_messages, find_id_runs, parse_frames, server_messages, tapped
 
 from conftest import split_model
 
@@ -154,8 +156,8 @@ def test_output_reader_reads_generated_tokens(tiny_llama, public):
     """The cloud, applying the public tail + LM head to what it returns, reads the greedy tokens exactly."""
     from splitinfer.decoding import run as drain
     from splitinfer.decoding.sequential import sequential
-    from splitinfer.engine import InProcessSpan, SplitModel
-    from splitinfer.privacy.public import TapSpan, DTYPE
+    from splitinfer.engine import SplitModel
+    from splitinfer.testing import InProcessSpan
 
     head, tail, split, cloud = load_victim(tiny_llama, 2, with_cloud=True)
     tap = TapSpan(InProcessSpan(cloud, DTYPE))
@@ -186,6 +188,34 @@ def test_websocket_frame_parser_unmasks():
     assert find_id_runs(np.asarray([5, 6, 7], "<i8").tobytes(), [4, 5, 6, 7]) == [("<i8", 1)]
     assert parse_frames(bytes([0x82, 0x03]) + b"abc") [0].payload == b"abc"
 
+
+def test_the_tap_records_what_crosses_the_wan_proxy():
+    """The wire tap on the WAN proxy keeps each connection's real bytes: a WebSocket session through it
+    parses back into the binary messages sent (unmasked) and the replies."""
+    import threading
+
+    from websockets.sync.client import connect
+    from websockets.sync.server import serve
+
+    def echo(ws) -> None:
+        for message in ws:
+            ws.send(message)
+
+    with serve(echo, "127.0.0.1", 0, compression=None) as server:  # as the cloud: no permessage-deflate
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        with tapped(server.socket.getsockname()[1]) as (tap, port):
+            for payload in (b"\x00\x01first", b"second" * 100):
+                with connect(f"ws://127.0.0.1:{port}", proxy=None, compression=None) as ws:
+                    ws.send(payload)
+                    assert ws.recv() == payload
+            captures = tap.snapshot()
+        server.shutdown()
+    assert len(captures) == 2
+    for cap, payload in zip(captures, (b"\x00\x01first", b"second" * 100)):
+        handshake, sent = client_messages(cap)
+        assert handshake.startswith(b"GET ") and (OP_BINARY, payload) in sent
+        assert payload not in bytes(cap.to_server)  # masked on the wire: the parser did the unmasking
+        assert (OP_BINARY, payload) in server_messages(cap)[1]
 
 def test_quick_experiment_end_to_end(tiny_llama, tmp_path):
     """The whole sweep on the tiny model (random text only: it has no tokenizer): JSON, tables, figure."""

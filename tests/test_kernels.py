@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from splitinfer import kernels, masks
+from splitinfer import hf, kernels, masks
 from splitinfer.config import Split
 from splitinfer.decoding import run as drain
 from splitinfer.decoding.lookahead import lookahead
 from splitinfer.decoding.sequential import sequential
-from splitinfer.engine import InProcessSpan, SplitModel
+from splitinfer.engine import SplitModel
 from splitinfer.models import load_config
 from splitinfer.parts import load_cloud, load_local
+from splitinfer.testing import InProcessSpan
 
 
 needs_onednn = pytest.mark.skipif(not kernels.packing_works("cpu", torch.float32), reason="no oneDNN in this torch")
@@ -79,7 +79,7 @@ def test_grouped_attention_equals_transformers_sdpa_with_a_tree_mask():
     block = masks.block_mask(parents)
     mask = masks.additive(masks.full_mask(past, block), torch.float32)
     ours, _ = kernels.attention(Attn(), query, key, value, mask, scaling=0.25)
-    theirs, _ = sdpa_attention_forward(Attn(), query, key, value, mask, scaling=0.25)
+    theirs, _ = hf.sdpa_attention(Attn(), query, key, value, mask, 0.0, 0.25)
     assert ours.shape == (1, q, 9, 16)
     torch.testing.assert_close(ours, theirs)
 
@@ -88,11 +88,13 @@ def test_off_cpu_attention_goes_through_transformers_sdpa_without_cudnn(monkeypa
     """A GPU cannot be had here: meta tensors take the same branch, and the backends it allows are recorded."""
     seen = []
 
+    sdpa = hf.sdpa_attention
+
     def record(module, query, key, value, mask, dropout, scaling, **kwargs):
         seen.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return sdpa_attention_forward(module, query, key, value, mask, dropout, scaling, **kwargs)
+        return sdpa(module, query, key, value, mask, dropout, scaling, **kwargs)
 
-    monkeypatch.setattr(kernels, "sdpa_attention_forward", record)
+    monkeypatch.setattr(hf, "sdpa_attention", record)
 
     class Attn(nn.Module):
         num_key_value_groups = 3
@@ -107,11 +109,11 @@ def test_off_cpu_attention_goes_through_transformers_sdpa_without_cudnn(monkeypa
 def test_use_kernels_switches_attention_and_linears(tiny_llama):
     config = load_config(tiny_llama)
     head, tail, config, _ = load_local(tiny_llama, Split(config.num_hidden_layers), "cpu", torch.float32)
-    assert config._attn_implementation == "sdpa"
+    assert hf.attention_name(config) == "sdpa"
     linears = sum(type(m) is nn.Linear for part in (head, tail) for m in part.modules())
     packed = kernels.use_kernels([head, tail], config, "auto", "cpu", torch.float32)
-    assert config._attn_implementation == kernels.ATTENTION
+    assert hf.attention_name(config) == kernels.ATTENTION
     assert head.span.layers[0].self_attn.config is config  # the attention calls read this very object
     assert packed == (linears if kernels.packing_works("cpu", torch.float32) else 0)
     assert kernels.use_kernels([head], config, "torch", "cpu", torch.float32) == 0
-    assert config._attn_implementation == "sdpa"
+    assert hf.attention_name(config) == "sdpa"

@@ -19,23 +19,30 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from splitinfer import protocol
 from splitinfer.cloud import memory
-from splitinfer.config import Limits
-from splitinfer.procs import ROOT, cloud_process
+from splitinfer.config import Limits, Split
+from splitinfer.models import load_config
+from splitinfer.procs import cloud_process
 
 from test_cloud_core import ask, core, fwd, open_session  # noqa: F401  (core is a fixture)
 
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: benchmarks/ is not part of the package
 GIB = 2**30
-DEFAULT_MODEL = memory.Geometry(layers=26, heads=9, kv_heads=3, head_dim=64, hidden_size=576, intermediate_size=1536,
-                                dtype_bytes=4)
 
 
-def test_cache_bytes_of_the_default_model():
-    # 8192 tokens x 26 layers x (keys + values) x 3 kv heads x 64 x 4 bytes
-    assert memory.cache_bytes(DEFAULT_MODEL, 8192) == 8192 * 26 * 2 * 3 * 64 * 4
+@pytest.fixture(scope="module")
+def default_geometry(default_model) -> memory.Geometry:
+    """The default model's cloud span in float32, from its config."""
+    config = load_config(default_model)
+    return memory.Geometry.of(config, len(Split(config.num_hidden_layers).cloud_layers), torch.float32)
 
 
-def test_the_largest_legal_frame_fits_the_derived_frame_limit():
-    g, ctx, q = DEFAULT_MODEL, 1024, 64
+def test_cache_bytes_of_the_default_model(default_geometry):
+    g = default_geometry  # tokens x layers x (keys + values) x kv heads x head dim x bytes
+    assert memory.cache_bytes(g, 8192) == 8192 * g.layers * 2 * g.kv_heads * g.head_dim * g.dtype_bytes
+
+
+def test_the_largest_legal_frame_fits_the_derived_frame_limit(default_geometry):
+    g, ctx, q = default_geometry, 1024, 64
     limit = memory.frame_bytes(g, ctx, q)
     tensors = {
         "hidden": np.zeros((1, q, g.hidden_size), np.float16),
@@ -50,27 +57,27 @@ def test_the_largest_legal_frame_fits_the_derived_frame_limit():
     assert limit - len(data) < protocol.MAX_HEADER_BYTES  # the bound is not far above what can be sent
 
 
-def test_limits_follow_the_memory_available():
-    small = memory.derive_limits(DEFAULT_MODEL, Limits(), available=4 * GIB)
-    large = memory.derive_limits(DEFAULT_MODEL, Limits(), available=24 * GIB)
+def test_limits_follow_the_memory_available(default_geometry):
+    small = memory.derive_limits(default_geometry, Limits(), available=4 * GIB)
+    large = memory.derive_limits(default_geometry, Limits(), available=24 * GIB)
     assert 1 <= small.limits.max_sessions < large.limits.max_sessions <= memory.MAX_DERIVED_SESSIONS
     for b in (small, large):
         usable = memory.MEMORY_SHARE * b.available - b.per_step
         # sessions and connections together stay inside the usable share of the memory
         assert b.limits.max_sessions * b.per_session + b.max_connections * b.per_connection <= usable
         assert b.max_connections <= 4 * b.limits.max_sessions
-        assert b.limits.max_frame_bytes == memory.frame_bytes(DEFAULT_MODEL, 8192, 512)
+        assert b.limits.max_frame_bytes == memory.frame_bytes(default_geometry, 8192, 512)
     assert "sessions" in large.describe() and "GiB available" in large.describe()
 
 
-def test_explicit_limits_are_kept():
-    b = memory.derive_limits(DEFAULT_MODEL, Limits(), max_sessions=3, max_connections=7, max_frame_bytes=1 << 20,
+def test_explicit_limits_are_kept(default_geometry):
+    b = memory.derive_limits(default_geometry, Limits(), max_sessions=3, max_connections=7, max_frame_bytes=1 << 20,
                              available=24 * GIB)
     assert (b.limits.max_sessions, b.max_connections, b.limits.max_frame_bytes) == (3, 7, 1 << 20)
 
 
-def test_a_tiny_machine_still_gets_one_session():
-    b = memory.derive_limits(DEFAULT_MODEL, Limits(), available=64 << 20)
+def test_a_tiny_machine_still_gets_one_session(default_geometry):
+    b = memory.derive_limits(default_geometry, Limits(), available=64 << 20)
     assert b.limits.max_sessions == 1 and b.max_connections >= 2
 
 

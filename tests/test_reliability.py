@@ -2,7 +2,7 @@
 
 A `RemoteSpan` records the float16 rows behind every cloud cache entry and, when
 its session or connection is lost, reconnects, replays them into a new session
-and re-sends the request (remote.py).  Here:
+and re-sends the request (remote/recovery.py).  Here:
 
 * in process, against a `CloudCore`, with faults injected at random requests
   (connection dropped before or after the cloud ran the frame, session expired,
@@ -28,16 +28,17 @@ import pytest
 import requests
 import torch
 
-from splitinfer import kv, protocol, remote
+from splitinfer import hf, protocol, remote
 from splitinfer.cloud.sessions import CloudCore
 from splitinfer.config import Limits, Split
+from splitinfer.decoding.drive import drive
 from splitinfer.decoding.lookahead import Memory
 from splitinfer.decoding.strategies import STRATEGIES
 from splitinfer.engine import SplitModel
 from splitinfer.models import load_config
 from splitinfer.parts import load_cloud, load_local
-from splitinfer.procs import ROOT, free_port, wait_healthy
-from splitinfer.remote import CloudError, RemoteSpan, WireTiming, cloud_session
+from splitinfer.procs import free_port, wait_healthy
+from splitinfer.remote import CloudError, RemoteSpan, WireTiming, cloud_session, recovery
 from splitinfer.wan import Forward, Link, WanEmulator
 
 from conftest import cloud_identity
@@ -56,24 +57,25 @@ class TinySide:
 
     def generate(self, span, prompt: list[int], n: int, mode: str = "sequential", on_tokens=None, **options) -> list[int]:
         lm = SplitModel(self.head, self.tail, span, torch.float32)
+        strategy = STRATEGIES[mode](Memory(), **options)
         out: list[int] = []
-        for chunk in STRATEGIES[mode](lm, prompt, n, frozenset(), **options):
-            out += chunk
+        for step in drive(strategy(lm, prompt, n, frozenset()), lm):
+            out += step.tokens
             if on_tokens is not None:
                 on_tokens(out)
         return out
 
 
-class CountingKeeps:
-    """Wraps span.keep to count relocations (the engine calls keep only for non-prefix paths)."""
+class CountingRelocations:
+    """Wraps span.relocate to count relocations (the engine relocates only for non-prefix paths)."""
 
     def __init__(self, span: RemoteSpan):
-        self.count, self._keep = 0, span.keep
-        span.keep = self
+        self.count, self._relocate = 0, span.relocate
+        span.relocate = self
 
     def __call__(self, start, indices):
         self.count += 1
-        self._keep(start, indices)
+        self._relocate(start, indices)
 
 
 # ------------------------------------------------------------------------------ in process, exact
@@ -159,9 +161,9 @@ def settled(core: CloudCore, span: RemoteSpan):
     cache = core.sessions[span.session].cache
     for edit in span._edits:
         if edit["op"] == "crop":
-            kv.crop(cache, edit["length"])
+            hf.crop(cache, edit["length"])
         else:
-            kv.keep(cache, edit["start"], edit["indices"])
+            hf.relocate(cache, edit["start"], edit["indices"])
     return cache
 
 
@@ -173,8 +175,8 @@ def span_on(core, fault=lambda: None, refuse=lambda: False) -> RemoteSpan:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_rebuilt_cache_equals_the_original_under_random_faults(tiny_core, tiny_side, mode, monkeypatch):
-    monkeypatch.setattr(remote, "_BACKOFF_FIRST_S", 0.001)  # the backoff itself is not under test here
-    monkeypatch.setattr(remote, "_BACKOFF_MAX_S", 0.01)
+    monkeypatch.setattr(recovery, "_BACKOFF_FIRST_S", 0.001)  # the backoff itself is not under test here
+    monkeypatch.setattr(recovery, "_BACKOFF_MAX_S", 0.01)
     # A pinned tree size keeps lookahead's trees independent of step times (the recoveries are slow).
     options = {"max_verify": 12} if mode == "lookahead" else {}
     clean = span_on(tiny_core)
@@ -187,17 +189,18 @@ def test_rebuilt_cache_equals_the_original_under_random_faults(tiny_core, tiny_s
         fault=lambda: rng.choice(kinds) if rng.random() < 0.15 else None,
         refuse=lambda: rng.random() < 0.3,
     )
-    keeps = CountingKeeps(faulty)
+    relocations = CountingRelocations(faulty)
     got = tiny_side.generate(faulty, TINY_PROMPT, 120, mode, **options)
 
     assert got == want
     assert faulty.recoveries >= 5 and faulty.replayed_tokens > 0
     if mode == "lookahead":
-        assert keeps.count > 0  # relocated paths were part of what got replayed
+        assert relocations.count > 0  # relocated paths were part of what got replayed
     # Each record mirrors its cloud cache, and the rebuilt cache is the original's, entry for entry
     # (up to the float rounding of computing in other chunks).
     a, b = settled(tiny_core, clean), settled(tiny_core, faulty)
-    assert kv.length(a) == kv.length(b) == clean.cache_length == faulty.cache_length >= len(TINY_PROMPT) + 119
+    assert hf.cache_length(a) == hf.cache_length(b) == clean._record.length == faulty._record.length
+    assert hf.cache_length(a) >= len(TINY_PROMPT) + 119
     for la, lb in zip(a.layers, b.layers):
         if la.is_initialized:
             torch.testing.assert_close(la.keys, lb.keys, atol=1e-4, rtol=1e-4)
@@ -234,7 +237,7 @@ class Cloud:
         self.port = free_port(pair=True)
         self.url, self.ws = f"http://127.0.0.1:{self.port}", f"ws://127.0.0.1:{self.port + 1}"
         self.cmd = [
-            sys.executable, str(ROOT / "cloud_server_kv.py"), "--model", str(model), "--threads", "1",
+            sys.executable, "-m", "splitinfer", "cloud", "--model", str(model), "--threads", "1",
             "--port", str(self.port), "--ws-port", str(self.port + 1), *(extra or []),
         ]
         self.log_file = log_file
@@ -365,17 +368,17 @@ def test_cloud_killed_and_restarted_mid_generation(default_cloud, default_side, 
         return {"max_verify": 16, "memory": Memory()} if mode == "lookahead" else {}
 
     with cloud_session(default_cloud.ws, expected=default_side.identity) as span:
-        keeps = CountingKeeps(span)
+        relocations = CountingRelocations(span)
         want = default_side.generate(span, ids, 40, mode, **options()).token_ids
-    assert mode == "sequential" or keeps.count >= 2, "the prompt no longer relocates the cache: pick another"
+    assert mode == "sequential" or relocations.count >= 2, "the prompt no longer relocates the cache: pick another"
     produced, restarted = [0], []
 
     with cloud_session(default_cloud.ws, expected=default_side.identity, reconnect_timeout=180.0) as span:
-        keeps = CountingKeeps(span)
+        relocations = CountingRelocations(span)
 
         def kill_and_restart(chunk):
             produced[0] += len(chunk)
-            ready = produced[0] >= 12 and (mode == "sequential" or keeps.count >= 1)
+            ready = produced[0] >= 12 and (mode == "sequential" or relocations.count >= 1)
             if ready and not restarted:
                 default_cloud.kill()
                 default_cloud.start(wait=False)  # the span reconnects while the new process loads its layers

@@ -7,6 +7,7 @@ and with plain HTTP.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import string
@@ -14,8 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-import zlib
-from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,66 +28,21 @@ from splitinfer.decoding.lookahead import Memory
 from splitinfer.decoding.sampling import make_generator, probabilities, sample_token, sampling
 from splitinfer.decoding.sequential import sequential
 from splitinfer.identity import Identity
-from splitinfer.procs import ROOT, cloud_process, free_port, wait_healthy
+from splitinfer.procs import cloud_process, free_port, wait_healthy
 from splitinfer.serve import api
 from splitinfer.serve.api import APIError
 from splitinfer.serve.process import local_server_process
 from splitinfer.serve.text import TextStream
+from splitinfer.testing import FakeLM
 
 # -- a fake model ---------------------------------------------------------------------------------------
 
 VOCAB = 12
 
 
-class FakeLM:
+def noisy_lm(sharpness: float = 3.0) -> FakeLM:
     """Logits that depend on the whole context (a hash), so strategies see a real next-token function."""
-
-    max_step_tokens = 64
-
-    def __init__(self, sharpness: float = 3.0):
-        self.context: list[int] = []
-        self.pending: list[int] | None = None
-        self.calls: list[int] = []  # block size of each model call (prefill included)
-        self.timings: list[SimpleNamespace] = []  # what SplitModel records per round trip
-        self.sharpness = sharpness
-
-    def _logits(self, context: Sequence[int]) -> torch.Tensor:
-        g = torch.Generator().manual_seed(zlib.crc32(repr(list(context)).encode()))
-        return torch.randn(VOCAB, generator=g) * self.sharpness
-
-    def _call(self, q: int) -> None:
-        self.calls.append(q)
-        self.timings.append(SimpleNamespace(tokens=q, wait_ms=2.0, cloud_ms=1.5, network_ms=0.5))
-
-    def prefill(self, tokens: Sequence[int]) -> torch.Tensor:
-        self.context += list(tokens)
-        self._call(len(tokens))
-        return self._logits(self.context)
-
-    def forward(self, tokens: Sequence[int], parents: Sequence[int] | None = None) -> torch.Tensor:
-        """A token tree (parents[i]: the block index before token i, -1: the context) or a chain."""
-        assert self.pending is None
-        tokens = list(tokens)
-        parents = list(range(-1, len(tokens) - 1)) if parents is None else list(parents)
-        self.pending, self.parents = tokens, parents
-        self._call(len(tokens))
-
-        def path(i: int) -> list[int]:
-            out = []
-            while i >= 0:
-                out.append(tokens[i])
-                i = parents[i]
-            return out[::-1]
-
-        return torch.stack([self._logits(self.context + path(i)) for i in range(len(tokens))])
-
-    def commit(self, keep=None) -> None:
-        assert self.pending is not None
-        keep = list(range(len(self.pending))) if keep is None else list(keep)
-        for a, b in zip([-1, *keep], keep):  # a root-to-node path
-            assert self.parents[b] == a
-        self.context += [self.pending[i] for i in keep]
-        self.pending = None
+    return FakeLM(VOCAB, sharpness=sharpness, max_step_tokens=64)
 
 
 def drain(stream) -> list[list[int]]:
@@ -128,34 +82,34 @@ def test_draws_follow_the_distribution():
 @pytest.mark.parametrize("bad", [dict(temperature=0.0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5)])
 def test_sampling_rejects_bad_parameters(bad):
     with pytest.raises(ValueError):
-        next(sampling(FakeLM(), [1, 2], 4, frozenset(), **{"temperature": 1.0, **bad}))
+        next(sampling(noisy_lm(), [1, 2], 4, frozenset(), **{"temperature": 1.0, **bad}))
 
 
 def test_sampling_is_one_token_per_round_trip_and_obeys_budget_and_eos():
-    lm = FakeLM()
+    lm = noisy_lm()
     chunks = drain(sampling(lm, [1, 2, 3], 10, frozenset(), temperature=1.0, generator=make_generator(0)))
     assert [len(c) for c in chunks] == [1] * 10
     assert lm.calls == [3] + [1] * 9  # the prefill, then one token per forward
     tokens = [t for c in chunks for t in c]
     eos = frozenset({tokens[4]})
     first = tokens.index(tokens[4])
-    again = [t for c in sampling(FakeLM(), [1, 2, 3], 10, eos, temperature=1.0, generator=make_generator(0)) for t in c]
+    again = [t for c in sampling(noisy_lm(), [1, 2, 3], 10, eos, temperature=1.0, generator=make_generator(0)) for t in c]
     assert again == tokens[: first + 1]  # EOS kept, and it ends the run
-    assert drain(sampling(FakeLM(), [1], 0, frozenset(), temperature=1.0)) == []
+    assert drain(sampling(noisy_lm(), [1], 0, frozenset(), temperature=1.0)) == []
 
 
 def test_sampling_seed_reproduces_and_seeds_differ():
     def tokens(seed: int) -> list[int]:
-        return run(sampling(FakeLM(sharpness=0.5), [5], 24, frozenset(), temperature=1.0, generator=make_generator(seed))).tokens
+        return run(sampling(noisy_lm(0.5), [5], 24, frozenset(), temperature=1.0, generator=make_generator(seed))).tokens
 
     assert tokens(7) == tokens(7)
     assert tokens(7) != tokens(8)
 
 
 def test_sampling_near_zero_temperature_or_tiny_top_p_is_greedy():
-    greedy = run(sequential(FakeLM(), [4, 2], 16, frozenset())).tokens
-    cold = run(sampling(FakeLM(), [4, 2], 16, frozenset(), temperature=1e-4, generator=make_generator(3))).tokens
-    narrow = run(sampling(FakeLM(), [4, 2], 16, frozenset(), temperature=1.5, top_p=1e-9, generator=make_generator(3))).tokens
+    greedy = run(sequential(noisy_lm(), [4, 2], 16, frozenset())).tokens
+    cold = run(sampling(noisy_lm(), [4, 2], 16, frozenset(), temperature=1e-4, generator=make_generator(3))).tokens
+    narrow = run(sampling(noisy_lm(), [4, 2], 16, frozenset(), temperature=1.5, top_p=1e-9, generator=make_generator(3))).tokens
     assert cold == greedy == narrow
 
 
@@ -265,7 +219,7 @@ def fake_local(eos: frozenset[int] = frozenset(), sharpness: float = 3.0, lm=Non
     models: list = []
 
     def model(span):
-        models.append(lm() if lm else FakeLM(sharpness))
+        models.append(lm() if lm else noisy_lm(sharpness))
         return models[-1]
 
     return SimpleNamespace(
@@ -331,27 +285,16 @@ def chunky(lm, prompt, max_new, eos, *, oracle):
 
 
 def test_a_mode_is_looked_up_by_name_and_streams_several_tokens_per_round_trip(monkeypatch):
-    from fakes import FakeLM as RuleLM
-
     from splitinfer.decoding.strategies import STRATEGIES
     from splitinfer.serve.service import Service
 
-    class TimedLM(RuleLM):
-        def __init__(self):
-            super().__init__(vocab=50)
-            self.timings: list[SimpleNamespace] = []
-
-        def forward(self, tokens, parents=None):
-            self.timings.append(SimpleNamespace(wait_ms=2.0, cloud_ms=1.5, network_ms=0.5))
-            return super().forward(tokens, parents)
-
     def oracle(context, n):
-        return RuleLM(vocab=50).greedy(context, n)
+        return FakeLM(vocab=50).greedy(context, n)
 
-    monkeypatch.setitem(STRATEGIES, "chunky", chunky)
+    monkeypatch.setitem(STRATEGIES, "chunky", lambda memory, *, oracle: functools.partial(chunky, oracle=oracle))
     texts = {}
     for mode, options in [("sequential", None), ("chunky", {"oracle": oracle})]:
-        service = Service(fake_local(lm=TimedLM), "ws://127.0.0.1:9", mode=mode, strategy_options=options)
+        service = Service(fake_local(lm=lambda: FakeLM(vocab=50)), "ws://127.0.0.1:9", mode=mode, strategy_options=options)
         steps = list(service.run(service.job(api.parse_completion({"prompt": [3, 4, 5], "max_tokens": 31})), None))
         texts[mode] = "".join(s.text for s in steps)
         last = steps[-1].extension
@@ -359,6 +302,7 @@ def test_a_mode_is_looked_up_by_name_and_streams_several_tokens_per_round_trip(m
         if mode == "chunky":
             assert last["tokens_per_step"] == 3.0 and last["steps"] == 11  # prefill + 10 steps of three tokens
             assert [len(s.text) for s in steps[:-1]] == [1] + [3] * 10
+            assert last["round_trip_ms"] == 2.0 and last["cloud_ms"] == 1.5 and last["network_ms"] == 0.5
     assert texts["chunky"] == texts["sequential"]
 
 
@@ -401,6 +345,9 @@ def test_temperature_samples_one_token_per_round_trip_and_a_seed_repeats():
 
 class BrokenCloudLM(FakeLM):
     """A cloud that dies after a few round trips."""
+
+    def __init__(self):
+        super().__init__(VOCAB, sharpness=3.0, max_step_tokens=64)
 
     def forward(self, tokens, parents=None):
         from splitinfer.remote import CloudError
@@ -534,7 +481,8 @@ def servers(default_model, tmp_path_factory):
     cloud_url = f"http://127.0.0.1:{cloud_port}"
     with ExitStack() as stack:
         local_url, local_proc = stack.enter_context(local_server_process(
-            cloud_url, default_model, threads=1, wait=False, log_file=logs / "local.log", extra=["--max-new-tokens", "16"],
+            cloud_url, default_model, threads=1, wait=False, log_file=logs / "local.log",
+            extra=["--max-new-tokens", "16", "--mode", "sequential"],
         ))
         stack.enter_context(cloud_process(default_model, port=cloud_port, threads=1, log_file=logs / "cloud.log"))
         wait_healthy(local_url, local_proc)
@@ -621,7 +569,7 @@ def test_chat_streamed_and_not_with_openai_client(servers):
 
     # The one-shot form of jacobi_server.py gives the same tokens.
     out = subprocess.run(
-        [sys.executable, str(ROOT / "jacobi_server.py"), "--cloud", servers.cloud, "--model", str(servers.model),
+        [sys.executable, "-m", "splitinfer", "serve", "--cloud", servers.cloud, "--model", str(servers.model),
          "--prompt", prompt, "--max-new-tokens", "8", "--json", "--threads", "1"],
         capture_output=True, text=True, timeout=300, check=True,
     )
@@ -771,8 +719,8 @@ def test_sampling_with_a_seed_repeats(servers):
 
 
 def test_reconnect_timeout_flag_reaches_every_cloud_session(monkeypatch):
-    import interactive
-    import jacobi_server
+    from splitinfer.commands import chat as interactive
+    from splitinfer.commands import serve as jacobi_server
     from splitinfer.remote import RECONNECT_TIMEOUT_S
     from splitinfer.serve import service as service_module
 

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 import requests
 
-from splitinfer.procs import ROOT, cloud_process, free_port
+from splitinfer.procs import cloud_process, free_port
 from splitinfer.serve import api, create_app
 from splitinfer.serve.guard import AccessPolicy, origin, split_host_header
 from splitinfer.serve.process import local_server_process
@@ -219,7 +219,7 @@ def test_the_character_bound_holds_for_the_default_tokenizer(default_model):
 
     from transformers import AutoTokenizer
 
-    from splitinfer.serve.service import longest_token
+    from splitinfer.serve.tokens import longest_token
 
     tok = AutoTokenizer.from_pretrained(default_model)
     longest = longest_token(tok)
@@ -247,7 +247,7 @@ def test_a_vanishing_temperature_is_greedy(temperature):
 
 
 def test_server_flags_are_checked_when_parsed():
-    import jacobi_server
+    from splitinfer.commands import serve as jacobi_server
 
     args = jacobi_server.parse_args(["--allowed-host", "box.lan", "--allowed-origin", "http://localhost:3000",
                                      "--max-body-bytes", "8M"])
@@ -263,7 +263,7 @@ def test_server_flags_are_checked_when_parsed():
 
 
 def test_mac_client_reports_an_unusable_key_file_in_one_line(tmp_path):
-    client = [sys.executable, str(ROOT / "mac_client.py"), "--server", f"http://127.0.0.1:{free_port()}", "--prompt", "hi"]
+    client = [sys.executable, "-m", "splitinfer", "client", "--server", f"http://127.0.0.1:{free_port()}", "--prompt", "hi"]
     empty = tmp_path / "empty"
     empty.write_text("\n")
     for path, says in ((tmp_path / "missing", "cannot read the API key file"), (empty, "is empty")):
@@ -304,7 +304,7 @@ def guarded(default_model, tmp_path_factory):
     key_file.chmod(0o600)
     cloud_port = free_port(pair=True)
     extra = ["--api-key-file", str(key_file), "--allowed-host", ALLOWED_HOST, "--allowed-origin", ALLOWED_ORIGIN,
-             "--max-body-bytes", "32M", "--max-new-tokens", "16"]
+             "--max-body-bytes", "32M", "--max-new-tokens", "16", "--mode", "sequential"]
     with ExitStack() as stack:
         url, proc = stack.enter_context(local_server_process(
             f"http://127.0.0.1:{cloud_port}", default_model, threads=1, wait=False, log_file=tmp / "local.log", extra=extra,
@@ -379,7 +379,7 @@ def test_the_api_key_is_required_and_the_openai_client_sends_it(guarded):
         wrong.models.list()
     reply = guarded.client.chat.completions.create(model="m", messages=MSG, max_tokens=3)
     assert reply.usage.completion_tokens == 3 and reply.choices[0].message.content
-    client = [sys.executable, str(ROOT / "mac_client.py"), "--server", guarded.url, "--prompt", "hi", "--max-tokens", "3"]
+    client = [sys.executable, "-m", "splitinfer", "client", "--server", guarded.url, "--prompt", "hi", "--max-tokens", "3"]
     out = subprocess.run([*client, "--api-key-file", str(guarded.key_file)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip(), out.stderr
     out = subprocess.run(client, capture_output=True, text=True, timeout=120)
@@ -388,13 +388,12 @@ def test_the_api_key_is_required_and_the_openai_client_sends_it(guarded):
 
 @pytest.mark.slow
 def test_a_body_over_the_cap_is_refused_from_its_content_length(guarded):
-    t0 = time.monotonic()
+    # The body is never sent: a server that waited for it would never answer (raw_http would time out).
     head = (f"POST /v1/completions HTTP/1.1\nHost: 127.0.0.1\nAuthorization: Bearer {KEY}\n"
             f"Content-Type: application/json\nContent-Length: {BODY_CAP + 1}\n")
     status, headers, payload = raw_http(guarded.port, head, b'{"prompt": "')  # the rest is never sent
-    elapsed = time.monotonic() - t0
     assert status == 413 and headers["content-type"] == "application/json" and "server" not in headers
-    assert json.loads(payload)["error"]["code"] == "request_too_large" and elapsed < 2, elapsed
+    assert json.loads(payload)["error"]["code"] == "request_too_large"
     # Sent whole, as requests does, and chunked with no length announced (cut off once the cap is crossed).
     headers = {**guarded.auth, "Content-Type": "application/json"}
     whole = requests.post(f"{guarded.url}/v1/completions", data=b" " * (BODY_CAP + 1), headers=headers, timeout=30)

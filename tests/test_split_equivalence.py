@@ -50,21 +50,22 @@ def test_selective_loading_reads_only_owned_tensors(tiny_llama):
     """Each side's modules get only its tensors; the rest of the skeleton stays on the meta device."""
     split = Split(6)
     sk = build_skeleton(tiny_llama)
-    held = materialise(tiny_llama, {f"model.layers.{i}": sk.model.model.layers[i] for i in split.cloud_layers}, "cpu", torch.float32)
+    held = materialise(tiny_llama, {f"model.layers.{i}": sk.parts.layers[i] for i in split.cloud_layers}, "cpu", torch.float32)
     assert all(name.startswith(("model.layers.2.", "model.layers.3.")) for name in held)
-    assert sk.model.model.embed_tokens.weight.is_meta and sk.model.model.layers[0].mlp.up_proj.weight.is_meta
-    assert not sk.model.model.layers[2].mlp.up_proj.weight.is_meta
+    assert sk.parts.embed.weight.is_meta and sk.parts.layers[0].mlp.up_proj.weight.is_meta
+    assert not sk.parts.layers[2].mlp.up_proj.weight.is_meta
 
 
 @pytest.mark.parametrize("mode", ["jacobi", "lookahead"])
 @pytest.mark.parametrize("prompt", PROMPTS[:3])
 def test_speculative_modes_equal_sequential_on_a_real_tiny_model(tiny_model, mode, prompt):
+    from splitinfer.decoding.lookahead import Memory
     from splitinfer.decoding.strategies import STRATEGIES
 
     want = decoding.run(sequential(split_model(tiny_model), prompt, 40, frozenset())).tokens
     options = {"lookahead": {"max_verify": 12}, "jacobi": {"block": 6}}[mode]
     lm = split_model(tiny_model)
-    got = decoding.run(STRATEGIES[mode](lm, prompt, 40, frozenset(), **options))
+    got = decoding.run(STRATEGIES[mode](Memory(), **options)(lm, prompt, 40, frozenset()))
     assert got.tokens == want
     assert got.steps == len(lm.timings) - 1  # one forward per step after the prefill
 

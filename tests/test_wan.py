@@ -1,4 +1,5 @@
-"""The WAN emulator: delay, order, bandwidth, close/EOF propagation, cut, shutdown, parsing, CLI.
+"""The WAN emulator: the link model in plain numbers, then delay, order, bandwidth, close/EOF propagation,
+cut, shutdown, the observer hook, parsing, CLI.
 
 Everything runs on 127.0.0.1 with ports picked by the OS; every socket has a timeout so a
 broken emulator fails a test instead of hanging it.
@@ -27,7 +28,8 @@ from hypothesis import strategies as st
 from websockets.sync.client import connect as ws_connect
 from websockets.sync.server import serve as ws_serve
 
-from splitinfer.wan import Forward, Link, WanEmulator, add_subparser, main
+from splitinfer.wan import DOWN, UP, Forward, Link, LinkClock, WanEmulator, add_subparser, main
+from splitinfer.wan.link import CAPPED_SLICE, HIGH_WATER, LOW_WATER, in_order
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 5.0  # per blocking socket call
@@ -162,6 +164,48 @@ def ws_echo_server() -> Iterator[int]:
         finally:
             server.shutdown()
             thread.join(TIMEOUT)
+
+
+# -- the link model, in plain numbers (no sockets) ------------------------------------------
+
+def test_clock_adds_one_way_delay_per_direction():
+    clock = LinkClock(Link(rtt_ms=80))
+    assert clock.arrival_time(UP, 1000, now=1.0) == pytest.approx(1.04)
+    assert clock.arrival_time(DOWN, 10**6, now=1.0) == pytest.approx(1.04)  # unlimited: size costs nothing
+
+
+def test_clock_serialises_chunks_behind_each_other_per_direction():
+    clock = LinkClock(Link(rtt_ms=20, mbit=8))  # 1 MB/s: 1000 bytes take 1 ms
+    assert clock.arrival_time(UP, 1000, now=0.0) == pytest.approx(0.001 + 0.01)
+    assert clock.arrival_time(UP, 1000, now=0.0) == pytest.approx(0.002 + 0.01)  # waits for the first
+    assert clock.arrival_time(DOWN, 1000, now=0.0) == pytest.approx(0.001 + 0.01)  # the other way is free
+    assert clock.arrival_time(UP, 1000, now=1.0) == pytest.approx(1.001 + 0.01)  # the link drained meanwhile
+
+
+def test_clock_jitter_is_bounded_non_negative_and_seeded():
+    draws = [LinkClock(Link(rtt_ms=10, jitter_ms=4, seed=3)).arrival_time(UP, 1, 0.0) for _ in range(2)]
+    assert draws[0] == draws[1]
+    clock = LinkClock(Link(rtt_ms=10, jitter_ms=4, seed=3))
+    times = [clock.arrival_time(UP, 1, 0.0) for _ in range(200)]
+    assert all(0.005 <= t <= 0.009 for t in times) and max(times) - min(times) > 0.002
+
+
+def test_clock_set_link_applies_to_later_chunks():
+    clock = LinkClock(Link(rtt_ms=10))
+    clock.set_link(Link(rtt_ms=50))
+    assert clock.link.rtt_ms == 50 and clock.arrival_time(UP, 1, 0.0) == pytest.approx(0.025)
+
+
+def test_in_order_never_lets_a_chunk_overtake():
+    assert in_order(0.05, 0.03) == 0.05 and in_order(0.05, 0.07) == 0.07
+
+
+def test_slices_and_water_marks():
+    assert Link().slice_size(300_000) == 300_000 and Link(mbit=1).slice_size(300_000) == CAPPED_SLICE
+    assert Link().water_marks() == (HIGH_WATER, LOW_WATER)
+    high, low = Link(rtt_ms=20, mbit=8).water_marks()  # 1 MB/s, 10 ms in flight + 100 ms / 50 ms of queue
+    assert (high, low) == (110_000, 60_000)
+    assert Link(mbit=0.001).water_marks()[0] == CAPPED_SLICE  # never below one slice
 
 
 # -- delay ----------------------------------------------------------------------------------
@@ -417,6 +461,23 @@ def test_start_failure_releases_everything():
             with wan.running():
                 pass
         assert wan.addresses == []
+
+
+# -- the observer hook ----------------------------------------------------------------------
+
+def test_observer_sees_every_forwarded_byte_per_connection_and_direction():
+    seen: list[tuple[int, int, bytes]] = []
+    with tcp_server(echo) as port:
+        wan = WanEmulator(Link(rtt_ms=4), [Forward(0, "127.0.0.1", port)],
+                          observer=lambda conn, direction, data: seen.append((conn, direction, data)))
+        with wan.running():
+            for message in (b"first connection", b"second"):
+                with client(wan.addresses[0][1]) as sock:
+                    sock.sendall(message)
+                    assert recv_exactly(sock, len(message)) == message
+    for conn, message in ((0, b"first connection"), (1, b"second")):
+        for direction in (UP, DOWN):
+            assert b"".join(d for c, w, d in seen if (c, w) == (conn, direction)) == message
 
 
 # -- parsing and the command line -----------------------------------------------------------

@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from transformers import DynamicCache
 
-from .. import kv, masks, protocol
+from .. import hf, masks, protocol
 from ..config import Limits
 from ..identity import Identity
 from ..parts import CloudSpan
@@ -32,13 +31,13 @@ log = logging.getLogger(__name__)
 class Session:
     id: str
     owner: int  # the connection that opened it; nobody else may touch it
-    cache: DynamicCache = field(default_factory=kv.new_cache)
+    cache: hf.Cache = field(default_factory=hf.new_cache)
     last_step: int = -1
     last_used: float = field(default_factory=time.monotonic)
 
     @property
     def length(self) -> int:
-        return kv.length(self.cache)
+        return hf.cache_length(self.cache)
 
 
 class CloudCore:
@@ -145,7 +144,7 @@ class CloudCore:
                 length = edit["length"]
             else:
                 try:
-                    kv.check_keep(length, edit["start"], edit["indices"])
+                    hf.check_relocate(length, edit["start"], edit["indices"])
                 except ValueError as exc:
                     raise ProtocolError("bad_edit", str(exc)) from None
                 length = edit["start"] + len(edit["indices"])
@@ -159,9 +158,9 @@ class CloudCore:
     def _apply(session: Session, edits: list) -> None:
         for edit in edits:
             if edit["op"] == "crop":
-                kv.crop(session.cache, edit["length"])
+                hf.crop(session.cache, edit["length"])
             else:
-                kv.keep(session.cache, edit["start"], edit["indices"])
+                hf.relocate(session.cache, edit["start"], edit["indices"])
 
     def _forward(self, session: Session, frame: Frame) -> tuple[np.ndarray, float]:
         q = protocol.check_forward(frame, self.hidden_size, self.head_dim, self.limits.max_step_tokens)
@@ -171,8 +170,7 @@ class CloudCore:
         t = frame.tensors
         mask = t.get("mask")
         if mask is None:
-            block = torch.ones(q, q, dtype=torch.bool).tril()
-            full = masks.full_mask(past, block)
+            full = masks.full_mask(past, masks.causal(q))
         elif mask.shape[1] == q:
             full = masks.full_mask(past, torch.from_numpy(mask.copy()))
         elif mask.shape[1] == past + q:
@@ -183,7 +181,7 @@ class CloudCore:
         # it was, edits included: entries before `touched` are never changed by the edits or the forward, so a
         # copy of the ones after it (usually the last step's few tree nodes) is all it takes to undo both.
         touched = min([session.length, *(e["length"] if e["op"] == "crop" else e["start"] for e in edits)])
-        saved = kv.save_tail(session.cache, touched)
+        saved = hf.save_tail(session.cache, touched)
         self._apply(session, edits)
         start = time.perf_counter()
         try:
@@ -196,7 +194,7 @@ class CloudCore:
                     raise ProtocolError("overflow", "the cloud layers' output does not fit in float16")
                 array = out16.cpu().numpy()
         except BaseException:
-            kv.restore_tail(session.cache, touched, saved)
+            hf.restore_tail(session.cache, touched, saved)
             raise
         return array, (time.perf_counter() - start) * 1000.0
 

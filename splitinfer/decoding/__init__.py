@@ -2,17 +2,20 @@
 
 Each strategy is a generator: it yields the tokens committed by each model
 call (the prefill's yield is the first generated token), so callers can
-stream, count round trips and stop early.  All strategies are greedy and
-produce exactly the tokens of plain greedy decoding.
+stream, count round trips and stop early; `drive.drive` is the one loop that
+drains one.  The greedy strategies (`strategies.STRATEGIES`) all produce
+exactly the tokens of plain greedy decoding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+
+from .drive import Step, drive
 
 
 class TreeLM(Protocol):
@@ -23,10 +26,19 @@ class TreeLM(Protocol):
     def prefill(self, tokens: Sequence[int]) -> torch.Tensor: ...
 
 
+# What a registry factory returns: (lm, prompt, max_new, eos) -> the tokens each model call commits.
+Strategy = Callable[[TreeLM, Sequence[int], int, frozenset[int]], Iterator[list[int]]]
+
+
 @dataclass
 class Result:
     tokens: list[int] = field(default_factory=list)  # generated ids, EOS included when reached
     per_step: list[int] = field(default_factory=list)  # tokens committed by each decoding step (after prefill)
+
+    def add(self, step: Step) -> None:
+        self.tokens.extend(step.tokens)
+        if not step.prefill:
+            self.per_step.append(len(step.tokens))
 
     @property
     def steps(self) -> int:
@@ -37,13 +49,11 @@ class Result:
         return sum(self.per_step) / self.steps if self.steps else 0.0
 
 
-def run(stream: Iterator[list[int]]) -> Result:
-    """Drain a strategy; the first yield is the prefill's, the others are decoding steps."""
+def run(strategy: Iterator[list[int]]) -> Result:
+    """Drain a running strategy into its tokens and per-step counts (no timings: for tests and experiments)."""
     result = Result()
-    for i, chunk in enumerate(stream):
-        result.tokens.extend(chunk)
-        if i:
-            result.per_step.append(len(chunk))
+    for step in drive(strategy):
+        result.add(step)
     return result
 
 

@@ -57,6 +57,7 @@ def lookahead(
         raise ValueError(f"unknown candidate sources {sorted(sources - SOURCES)}; known: {sorted(SOURCES)}")
     memory = memory or Memory()
     recycle, calibration, cost = memory.recycle, memory.calibration, memory.cost
+    order = recycle.order  # context tokens a recycling entry is keyed by (the token itself included)
     limit = min(max_verify or max_nodes, lm.max_step_tokens)
     index, pool = SuffixIndex(), NgramPool(ngram)
     index.extend(prompt)
@@ -69,7 +70,7 @@ def lookahead(
         logits = lm.forward(prompt[i : i + step])
         lm.commit()
         cost.observe(len(logits), (clock() - t0) * 1000.0, anchor=True)
-        recycle.update([prompt[max(0, j - 2) : j + 1] for j in range(i, i + len(logits))], logits)
+        recycle.update([prompt[max(0, j + 1 - order) : j + 1] for j in range(i, i + len(logits))], logits)
     token = argmax(logits[-1])
     out, done = clip([token], 0, max_new, eos)
     produced = len(out)
@@ -85,7 +86,7 @@ def lookahead(
             for cont in pool.lookup(token):
                 trie.insert(cont, "ngram")
         next_tokens = recycle.get if "recycle" in sources else (lambda context: ([], 0))
-        tree = build(token, trie, next_tokens, index.tokens[-2:], calibration, limit)
+        tree = build(token, trie, next_tokens, last(index.tokens, order - 1), calibration, limit)
         if max_verify is None:
             tree = tree.truncate(cost.best_size(tree.scores, limit))
 
@@ -97,9 +98,9 @@ def lookahead(
         cost.observe(len(tree), (clock() - t0) * 1000.0)
 
         calibration.observe(tree, path)
-        before = index.tokens[-max(ngram, 2) :]
+        before = last(index.tokens, max(ngram, order - 1))
         contexts = [before + tree.path_tokens(node) for node in range(len(tree))]
-        recycle.update([c[-3:] for c in contexts], logits)
+        recycle.update([last(c, order) for c in contexts], logits)
         for context, prediction in zip(contexts, predictions):  # trajectory n-grams: the model after each guess
             pool.add(context[-(ngram - 1) :] + [prediction])
         accepted = [tree.tokens[n] for n in path]  # root first
@@ -111,3 +112,8 @@ def lookahead(
         produced += len(out)
         token = bonus
         yield out
+
+
+def last(tokens: Sequence[int], n: int) -> list[int]:
+    """The last n tokens (all of them when fewer; none for n = 0)."""
+    return list(tokens[max(0, len(tokens) - n) :])

@@ -16,17 +16,20 @@ guess against a draw would need rejection sampling.  So sampling is one token
 per round trip, whatever the configured --mode.
 
 It is deliberately not in `strategies.STRATEGIES`: that registry holds the
-greedy modes, which all give the same tokens.
+greedy modes, which all give the same tokens.  `sampler` is its factory, of
+the same shape as the registry's.
 """
 
 from __future__ import annotations
 
+import functools
 import secrets
 from collections.abc import Iterator, Sequence
 
 import torch
 
-from . import TreeLM
+from . import Strategy, TreeLM
+from .lookahead import Memory
 from .sequential import one_by_one
 
 
@@ -72,3 +75,10 @@ def sampling(
     probabilities(torch.zeros(1), temperature, top_p)  # check the parameters before any round trip
     generator = generator if generator is not None else make_generator()
     yield from one_by_one(lm, prompt, max_new, eos, lambda logits: sample_token(logits, temperature, top_p, generator))
+
+
+def sampler(
+    memory: Memory | None, *, temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None
+) -> Strategy:
+    """The registry's factory shape for sampling: no speculation, so `memory` goes unused."""
+    return functools.partial(sampling, temperature=temperature, top_p=top_p, generator=generator)

@@ -8,7 +8,6 @@ starts empty for each configuration and is shared across its prompts, in order.
 
 from __future__ import annotations
 
-import statistics
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +15,7 @@ from tqdm import tqdm
 
 from ..decoding.lookahead import SOURCES, Memory
 from . import prompts as prompt_sets
+from .ablation_summary import summarise
 from .testbed import Bed
 
 
@@ -74,20 +74,3 @@ def run(bed: Bed, cfgs: list[Config], per_category: int, max_new: int) -> dict[s
         results.append({"config": cfg.as_dict(), "prompts": rows, "summary": summarise(rows)})
     bar.close()
     return {"configs": results}
-
-
-def summarise(rows: list[dict]) -> dict[str, Any]:
-    """Tokens per step pooled over steps (total tokens / total steps), overall and per category."""
-
-    def pooled(sel: list[dict]) -> dict[str, float]:
-        steps = sum(r["steps"] for r in sel)
-        tokens = sum(sum(r["accepted_per_step"]) for r in sel)
-        return {
-            "tokens_per_step": tokens / steps if steps else 0.0,
-            "tokens_per_second": statistics.mean(r["tokens_per_second"] for r in sel),
-            "mean_verified_per_step": statistics.mean(v for r in sel for v in r["verified_per_step"]),
-            "prompts": len(sel),
-        }
-
-    cats = sorted({r["category"] for r in rows}, key=prompt_sets.CATEGORIES.index)
-    return {"all": pooled(rows), **{c: pooled([r for r in rows if r["category"] == c]) for c in cats}}

@@ -16,9 +16,8 @@ from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
 from . import prompts as prompt_sets
+from .identity_summary import REFERENCE, compare, summarise
 from .testbed import Bed
-
-REFERENCE = "hf_generate"
 
 
 class FullModel:
@@ -56,15 +55,6 @@ class FullModel:
         return float(top[0] - top[1])
 
 
-def compare(ref: list[int], out: list[int]) -> dict[str, Any]:
-    n = max(len(ref), len(out))
-    same = sum(a == b for a, b in zip(ref, out))
-    first = next((i for i, (a, b) in enumerate(zip(ref, out)) if a != b), None)
-    if first is None and len(ref) != len(out):
-        first = min(len(ref), len(out))
-    return {"token_agreement": same / n if n else 1.0, "identical": ref == out, "first_difference": first}
-
-
 def run(bed: Bed, modes: list[str], per_category: int, max_new: int, options: dict[str, dict]) -> dict[str, Any]:
     full = FullModel(bed.local.model_dir, bed.local.device, bed.local.dtype)
     eos = bed.local.eos
@@ -91,21 +81,3 @@ def run(bed: Bed, modes: list[str], per_category: int, max_new: int, options: di
                 row["comparison"][f"{mode}_vs_sequential"] = compare(row["outputs"]["sequential"], row["outputs"][mode])
         rows.append(row)
     return {"prompts": rows, "summary": summarise(rows, modes)}
-
-
-def summarise(rows: list[dict], modes: list[str]) -> dict[str, Any]:
-    out = {}
-    keys = [*modes, *(f"{m}_vs_sequential" for m in modes if m != "sequential" and "sequential" in modes)]
-    for key in keys:
-        cmps = [r["comparison"][key] for r in rows]
-        out[key] = {
-            "exact_sequence_rate": sum(c["identical"] for c in cmps) / len(cmps),
-            "token_agreement": sum(c["token_agreement"] for c in cmps) / len(cmps),
-            "prompts": len(cmps),
-        }
-        if key in modes:
-            ppl = [r["perplexity"][key] for r in rows if not math.isnan(r["perplexity"][key])]
-            out[key]["mean_perplexity"] = sum(ppl) / len(ppl) if ppl else float("nan")
-    ref_ppl = [r["perplexity"][REFERENCE] for r in rows]
-    out[REFERENCE] = {"mean_perplexity": sum(ref_ppl) / len(ref_ppl)}
-    return out

@@ -13,9 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..procs import ROOT
+from ..config import CHECKOUT
 
 _STARTED = time.monotonic()  # imported as a script starts: wall_seconds is (almost) the whole run
 
@@ -24,8 +22,13 @@ _STARTED = time.monotonic()  # imported as a script starts: wall_seconds is (alm
 OUTPUTS = ("experiment_data", "README.md", "paper.md", "docs/privacy.md", "docs/security.md")
 
 
-def commit(root: Path = ROOT) -> str:
-    """HEAD's hash, with '+dirty' when the code differs from it (the experiments' outputs aside)."""
+def commit(root: Path | None = CHECKOUT) -> str:
+    """HEAD's hash, with '+dirty' when the code differs from it (the experiments' outputs aside).
+
+    "unknown" outside a git checkout (an installed wheel, a source tarball).
+    """
+    if root is None:
+        return "unknown"
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
         status = ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *(f":!{p}" for p in OUTPUTS)]
@@ -36,6 +39,8 @@ def commit(root: Path = ROOT) -> str:
 
 
 def machine() -> dict[str, Any]:
+    import torch  # here: importing this module (for an experiment's --help) must not wait for torch
+
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),

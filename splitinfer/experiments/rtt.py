@@ -16,13 +16,16 @@ one RTT and predicts its tokens/s.
 from __future__ import annotations
 
 import statistics
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from tqdm import tqdm
 
 from . import prompts as prompt_sets
-from .testbed import Bed
+from .registry import DECODING, PROMPTS, SPLIT_NUMERICS, differences, f2, load, markdown_table, pct, produced_by, recomputed, source, table, values
+
+if TYPE_CHECKING:  # the testbed imports torch; the report reads this module's tables without it
+    from .testbed import Bed
 
 PARTS = ("network", "local", "cloud", "serialize", "other")
 
@@ -39,19 +42,19 @@ def measure(bed: Bed, rtts: list[float], modes: list[str], per_category: int, ma
     drifts over a long run (other load, clocks), and interleaving spreads that drift
     over all RTTs instead of confounding it with one of them.
     """
+    from ..decoding.lookahead import Memory  # torch: only where generations run
+
     prompts = prompt_sets.load(per_category=per_category)
     encoded = [bed.local.encode(p["prompt"]) for p in prompts]
     # Each (rtt, mode) learns its own cost model and tables, as a local side on that link would.
-    memories = {(rtt, mode): _fresh_memory(mode) for rtt in rtts for mode in modes}
+    memories = {(rtt, mode): Memory() for rtt in rtts for mode in modes}
     records = []
     bar = tqdm(total=len(rtts) * len(modes) * len(prompts), desc="rtt analysis", unit="run")
     for i, (p, ids) in enumerate(zip(prompts, encoded)):
         for rtt, run_modes in schedule(i, rtts, modes):
             bed.set_rtt(rtt)
             for mode in run_modes:
-                memory = memories[(rtt, mode)]
-                extra = {"memory": memory} if memory is not None else {}
-                g = bed.generate(ids, mode, max_new, **options.get(mode, {}), **extra)
+                g = bed.generate(ids, mode, max_new, memory=memories[(rtt, mode)], **options.get(mode, {}))
                 steps = g.timings
                 step_ms = sum(_local(t) + t["serialize_ms"] + t["wait_ms"] for t in steps)
                 records.append(
@@ -84,14 +87,6 @@ def schedule(i: int, rtts: list[float], modes: list[str]) -> list[tuple[float, l
     shift = i % len(rtts) if rtts else 0
     order = modes[::-1] if i % 2 else list(modes)
     return [(rtt, order) for rtt in rtts[shift:] + rtts[:shift]]
-
-
-def _fresh_memory(mode: str):
-    if mode != "lookahead":
-        return None
-    from ..decoding.lookahead import Memory
-
-    return Memory()
 
 
 def _local(t: dict) -> float:
@@ -206,3 +201,74 @@ def cross_validate(records: list[dict], measured: dict[str, Any]) -> dict[str, A
             errors.append(err)
             rows.append({"held_out_rtt_ms": held, "mode": mode, "measured": actual, "predicted": predicted, "error": err})
     return {"folds": rows, "mean_abs_error": float(np.mean(errors)), "max_abs_error": float(np.max(errors))}
+
+
+# -- in the documents -------------------------------------------------------------------------
+
+NAME = "rtt_analysis"
+FILES = {"rtt": NAME, "gpu_rtt": f"gpu/{NAME}"}  # value prefixes: the CPU run, the GPU run of make experiments-gpu
+
+produced_by("rtt", outputs=FILES.values(),
+            code=["rtt_analysis.py", "splitinfer/experiments/rtt.py", "splitinfer/experiments/testbed.py",
+                  *SPLIT_NUMERICS, *DECODING, *PROMPTS])
+
+
+@recomputed(*FILES.values())
+def check(data: dict[str, Any]) -> list[str]:
+    """The measured table, the model, its cross-validation and its projection, from the stored runs."""
+    runs = data["runs"]
+    measured = aggregate(runs)
+    model = Decomposition(runs)
+    projection = {m: {r: model.tokens_per_second(m, float(r)) for r in p} for m, p in data["projection"].items()}
+    out = differences(data["measured"], measured, "measured")
+    out += differences(data["model"], model.as_dict(), "model")
+    out += differences(data["projection"], projection, "projection")
+    if data.get("cross_validation"):
+        out += differences(data["cross_validation"], cross_validate(runs, measured), "cross_validation")
+    return out
+
+
+@table("rtt")
+def rtt_table(name: str = NAME) -> str:
+    d = load(name)
+    modes = sorted(d["measured"])
+    rtts = list(d["measured"][modes[0]])
+    rows = [[m, *(f2(d["measured"][m][r]["tokens_per_second"]) for r in rtts)] for m in modes]
+    text = markdown_table(["tokens/s at RTT (ms)", *rtts], rows)
+    shares = []
+    for m in modes:
+        for r in ("0", "80"):
+            if r in d["measured"][m]:
+                sh = d["measured"][m][r]["shares"]
+                shares.append([f"{m} @ {r} ms", *(pct(sh[k], 0) for k in PARTS)])
+    text += "\n\n" + markdown_table(["latency breakdown", "network", "local", "cloud", "serialisation", "decoding logic"],
+                                     shares)
+    if d.get("cross_validation"):
+        cv = d["cross_validation"]
+        text += (f"\n\nLeave-one-RTT-out error of the decomposition model: mean {pct(cv['mean_abs_error'])}, "
+                 f"max {pct(cv['max_abs_error'])}.")
+    proj = d["projection"]
+    text += "\n\n" + markdown_table(["projected tokens/s at RTT (ms)", *proj[modes[0]]],
+                                     [[m, *(f2(v) for v in proj[m].values())] for m in modes])
+    return text + source(name)
+
+
+@values(*FILES)
+def rtt_value(prefix: str, what: str) -> str:
+    """<prefix>.<mode>.<rtt>: measured tokens/s; .k.<mode>.<rtt>: the mean block size K of that mode's steps
+    there; .compute.<mode>.<rtt>: their mean local + cloud ms; .cv.<field>: the cross-validation's error;
+    .cv.worst_rtt: the held-out RTT of the worst fold."""
+    d = load(FILES[prefix])
+    if what.startswith(("k.", "compute.")):
+        field, _, rest = what.partition(".")
+        mode, _, r = rest.partition(".")
+        steps = [t for run in d["runs"] if run["mode"] == mode and key(run["rtt_ms"]) == r for t in run["timings"]]
+        if field == "k":
+            return f"{sum(t['tokens'] for t in steps) / len(steps):.0f}"
+        return f"{sum(_local(t) + t['cloud_ms'] for t in steps) / len(steps):.0f}"
+    if what == "cv.worst_rtt":
+        return f"{max(d['cross_validation']['folds'], key=lambda f: f['error'])['held_out_rtt_ms']:g}"
+    if what.startswith("cv."):
+        return pct(d["cross_validation"][what[3:]])
+    mode, _, r = what.partition(".")
+    return f2(d["measured"][mode][r]["tokens_per_second"])

@@ -1,24 +1,28 @@
-"""What actually crosses the socket: a recording TCP proxy and a WebSocket (RFC 6455) frame parser.
+"""What actually crosses the socket: a wire tap on the WAN proxy and a WebSocket (RFC 6455) frame parser.
 
-The proxy sits between the local side and a real cloud server and keeps every
-byte in both directions, exactly as it travelled.  `client_messages` then
-undoes the WebSocket framing (client frames are masked, which is obfuscation,
-not encryption, so the unmasked payload is what a network observer can read)
-and yields the binary messages the cloud received.  The privacy tests run
-their checks on these bytes, not on what the code intends to send.
+`WireTap` is an observer for `splitinfer.wan.WanEmulator`: the proxy hands it every
+byte it writes into either socket, per connection and direction, exactly as it
+travelled.  `tapped(port)` puts a zero-delay emulator with a tap in front of a real
+server.  `client_messages` then undoes the WebSocket framing (client frames are
+masked, which is obfuscation, not encryption, so the unmasked payload is what a
+network observer can read) and yields the binary messages the cloud received.
+The privacy tests run their checks on these bytes, not on what the code intends
+to send.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import struct
 import threading
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-# ---------------------------------------------------------------------------- proxy
+from ..wan import UP, Forward, Link, WanEmulator
+
+# ---------------------------------------------------------------------------- the tap
 
 
 @dataclass
@@ -29,87 +33,35 @@ class Capture:
     to_client: bytearray = field(default_factory=bytearray)
 
 
-class RecordingProxy:
-    """A loopback TCP proxy on its own thread; `captures` holds one `Capture` per connection.
+class WireTap:
+    """Records what a WanEmulator forwards: one `Capture` per connection, in the order they were accepted.
 
-    with RecordingProxy(upstream_port) as proxy:
-        ... connect to ws://127.0.0.1:{proxy.port} ...
-    proxy.captures[0].to_server  # every byte the cloud received on the first connection
+    Pass it as the emulator's `observer`; it is called on the emulator's thread, so read it
+    through `snapshot()`.
     """
 
-    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1"):
-        self.upstream = (upstream_host, upstream_port)
-        self.port = 0
-        self.captures: list[Capture] = []
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._server: asyncio.base_events.Server | None = None
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
+    def __init__(self) -> None:
+        self._captures: dict[int, Capture] = {}
         self._lock = threading.Lock()
 
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, sink: bytearray) -> None:
-        try:
-            while True:
-                data = await reader.read(1 << 16)
-                if not data:
-                    break
-                with self._lock:
-                    sink.extend(data)
-                writer.write(data)
-                await writer.drain()
-        except (ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            try:
-                writer.close()
-            except RuntimeError:  # loop already closing
-                pass
-
-    async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        cap = Capture()
+    def __call__(self, connection: int, direction: int, data: bytes) -> None:
         with self._lock:
-            self.captures.append(cap)
-        server_r, server_w = await asyncio.open_connection(*self.upstream)
-        await asyncio.gather(self._pipe(client_r, server_w, cap.to_server), self._pipe(server_r, client_w, cap.to_client))
-
-    async def _main(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        self._ready.set()
-        async with self._server:
-            await self._server.serve_forever()
-
-    def _run(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        try:
-            self._loop.run_until_complete(self._main())
-        except asyncio.CancelledError:
-            pass
-        finally:
-            self._loop.close()
-
-    def __enter__(self) -> "RecordingProxy":
-        self._thread = threading.Thread(target=self._run, name="recording-proxy", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10):
-            raise RuntimeError("the recording proxy did not start")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self._loop is not None and self._server is not None:
-            def stop() -> None:
-                self._server.close()
-                for task in asyncio.all_tasks(self._loop):
-                    task.cancel()
-
-            self._loop.call_soon_threadsafe(stop)
-        if self._thread is not None:
-            self._thread.join(10)
+            capture = self._captures.setdefault(connection, Capture())
+            (capture.to_server if direction == UP else capture.to_client).extend(data)
 
     def snapshot(self) -> list[Capture]:
-        """A copy of what has been captured so far (the proxy thread keeps appending)."""
+        """A copy of what has been captured so far, by connection id (the tap keeps appending)."""
         with self._lock:
-            return [Capture(bytearray(c.to_server), bytearray(c.to_client)) for c in self.captures]
+            return [Capture(bytearray(c.to_server), bytearray(c.to_client))
+                    for _, c in sorted(self._captures.items())]
+
+
+@contextlib.contextmanager
+def tapped(upstream_port: int, upstream_host: str = "127.0.0.1") -> Iterator[tuple[WireTap, int]]:
+    """A zero-delay WAN proxy to the upstream with a tap on it: yields (tap, local port to connect to)."""
+    tap = WireTap()
+    with WanEmulator(Link(), [Forward(0, upstream_host, upstream_port)], observer=tap).running() as wan:
+        yield tap, wan.addresses[0][1]
 
 
 # ---------------------------------------------------------------------------- RFC 6455 framing

@@ -22,6 +22,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
+from ..config import DEFAULT_MAX_BODY_BYTES
 from ..local import LocalSide
 from ..remote import RECONNECT_TIMEOUT_S, CloudError
 from ..webserver import HttpLimits, RateLimitedLog, create_http_server
@@ -33,9 +34,6 @@ from .waitress_errors import json_errors
 
 log = logging.getLogger(__name__)
 
-# The largest request body read (a 413 beyond): far above any prompt that fits a context of a few
-# thousand tokens, far below what would take seconds to buffer and parse.
-DEFAULT_MAX_BODY_BYTES = 4 << 20
 JSON_TYPES = frozenset({"application/json"})
 
 
@@ -76,6 +74,25 @@ def disconnected(environ: dict[str, Any]) -> bool:
     """Whether the client of this request has hung up (waitress tells; other servers: never)."""
     check = environ.get("waitress.client_disconnected")
     return bool(check()) if check is not None else False
+
+
+def token_problem(service: Service, cloud: dict[str, Any]) -> str | None:
+    """Whether the cloud refuses this side's token: its /health shows sessions only to a request it accepts."""
+    if not cloud.get("reachable") or not cloud.get("auth_required") or "sessions_open" in cloud:
+        return None
+    if service.token is None:
+        return "the cloud requires a token and this side has none (--auth-token-file or $SPLITINFER_AUTH_TOKEN)"
+    return "the cloud refuses this side's token (--auth-token-file or $SPLITINFER_AUTH_TOKEN)"
+
+
+def readiness(service: Service) -> tuple[dict[str, Any], int]:
+    """`Service.health`, token included: "ok" (200) only when a request would succeed, else its problems (503)."""
+    body, status = service.health()
+    if problem := token_problem(service, body.get("cloud") or {}):
+        body["status"] = "degraded"
+        body["problems"] = [*body.get("problems", []), problem]
+        status = 503
+    return body, status
 
 
 def create_app(
@@ -162,7 +179,7 @@ def create_app(
 
     @app.get("/health")
     def health():
-        body, status = service.health()
+        body, status = readiness(service)
         return jsonify(body), status
 
     def model_card() -> dict[str, Any]:

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from ..procs import free_port, script_process
+from ..procs import command_process, free_port
 
 
 @contextmanager
@@ -28,5 +28,5 @@ def local_server_process(
     """
     port = port or free_port()
     args = ["--cloud", cloud, "--host", "127.0.0.1", "--port", str(port)]
-    with script_process("jacobi_server.py", args, port, model, threads, extra, log_file, wait, timeout) as running:
+    with command_process("serve", args, port, model, threads, extra, log_file, wait, timeout) as running:
         yield running

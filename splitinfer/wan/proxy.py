@@ -1,30 +1,14 @@
-"""A user-space WAN emulator: TCP port forwarding (like `ssh -L`) with added latency.
+"""The asyncio side of the emulator: listening sockets, proxied connections, timed deliveries.
 
-The split-inference experiments need to know how the local/cloud split behaves when the
-cloud is tens of milliseconds away, but on a test machine both halves run on loopback and
-this kernel has no `tc netem`. So we put a small proxy between them:
+Each proxied connection has two endpoints (the accepted client socket, "near", and the
+socket to the target, "far") and two pipes, one per direction. A pipe asks the link
+model (link.py) when each chunk it reads arrives, queues it, and writes it into the
+destination socket at that time. EOF (half-close) and close travel through the same
+queue, so they arrive after the data sent before them.
 
-    client --> 127.0.0.1:6000 [WanEmulator] --> 127.0.0.1:5000 server
-
-Every chunk read from one side is delivered to the other side one-way delay (rtt_ms / 2)
-later, independently in each direction, never reordered. Optional jitter adds a random
-non-negative extra delay per chunk; an optional bandwidth cap adds serialisation delay,
-with chunks serialised one after another on a link shared by all connections. EOF
-(half-close) and close travel through the same queue, so they arrive after the data sent
-before them. Zero delay is a near-pure passthrough.
-
-Use it from the command line:
-
-    python -m splitinfer wan --rtt-ms 80 -L 6000:127.0.0.1:5000 -L 6001:127.0.0.1:5001
-
-or as a library, with the event loop in a background thread:
-
-    with WanEmulator(Link(rtt_ms=80), [Forward(6000, "127.0.0.1", 5000)]).running() as wan:
-        ...                          # talk to 127.0.0.1:6000
-        wan.set_link(Link(rtt_ms=20))  # sweep the RTT without restarting
-        wan.cut()                    # drop every live connection (fault tests)
-
-or inside your own event loop with `await wan.start()` / `await wan.stop()`.
+An optional observer sees every chunk as it is written into its destination socket:
+`observer(connection_id, direction, data)`, on the emulator's event loop, with
+`direction` UP (client -> target) or DOWN. The privacy wire tap is such an observer.
 
 Timing accuracy: an event loop wakes from a timed sleep late (epoll rounds timeouts up to
 whole milliseconds). The emulator learns that lateness, wakes that much early and busy-waits
@@ -34,117 +18,28 @@ up to ~1.5 ms of spinning per delivery.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
+import itertools
 import logging
-import random
-import re
-import signal
 import socket
-import sys
 import threading
 from collections import deque
-from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence, TypeVar
+
+from .forward import Forward
+from .link import DOWN, UP, Link, LinkClock, in_order
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
-# A direction index into per-direction state: UP is client -> server (near -> far).
-UP, DOWN = 0, 1
-
-# Without a bandwidth cap a pipe stops reading its source once this much is queued and not
-# yet delivered, and resumes below LOW_WATER. This only bounds memory.
-HIGH_WATER = 16 * 1024 * 1024
-LOW_WATER = 4 * 1024 * 1024
-
-# With a cap, a pipe holds what is in flight plus at most this much waiting to be sent, like
-# a router buffer: a bulk sender then backs up into its own socket instead of queueing
-# seconds of data in front of everyone else's small messages.
-CAPPED_QUEUE_S = 0.1
-
-# With a bandwidth cap, big reads are scheduled in slices so that the far side sees bytes
-# trickle in at the capped rate instead of in one burst per 256 KiB read.
-CAPPED_SLICE = 16 * 1024
+# Called with (connection id, direction, bytes) for every chunk written to a destination socket.
+Observer = Callable[[int, int, bytes], None]
 
 # How long the threaded form waits for start/stop/cut to run on its loop.
 CALL_TIMEOUT_S = 10.0
 
 _DATA, _EOF, _CLOSE = "data", "eof", "close"
-
-
-@dataclass(frozen=True)
-class Link:
-    """What the emulated network path does to every chunk."""
-
-    # Round-trip time; each direction adds half of it, so a request/response costs this much.
-    rtt_ms: float = 0.0
-    # Extra per-chunk delay drawn uniformly from [0, jitter_ms], per direction. Non-negative
-    # so rtt_ms stays the floor; it never reorders (a chunk waits for the one before it).
-    jitter_ms: float = 0.0
-    # Bandwidth cap in megabits/s per direction, shared by all connections; None = unlimited.
-    mbit: float | None = None
-    # Seed for the jitter draws, for reproducible runs; None = a fresh random seed.
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.rtt_ms < 0 or self.jitter_ms < 0:
-            raise ValueError(f"rtt_ms and jitter_ms must be >= 0, got {self.rtt_ms} and {self.jitter_ms}")
-        if self.mbit is not None and self.mbit <= 0:
-            raise ValueError(f"mbit must be > 0 (or None for unlimited), got {self.mbit}")
-
-    @property
-    def one_way_s(self) -> float:
-        return self.rtt_ms / 2000.0
-
-    def serialisation_s(self, nbytes: int) -> float:
-        """How long `nbytes` occupy the link at the cap (0 when unlimited)."""
-        return 0.0 if self.mbit is None else nbytes * 8 / (self.mbit * 1e6)
-
-    def describe(self) -> str:
-        bandwidth = "unlimited bandwidth" if self.mbit is None else f"{self.mbit:g} Mbit/s"
-        return f"rtt {self.rtt_ms:g} ms, jitter {self.jitter_ms:g} ms, {bandwidth}"
-
-
-# [LISTEN_HOST:]LISTEN_PORT:HOST:PORT, where a host may be an [IPv6] literal in brackets.
-_HOST = r"\[[^\]]*\]|[^:\[\]]*"
-_FORWARD_RE = re.compile(rf"(?:(?P<lhost>{_HOST}):)?(?P<lport>\d+):(?P<host>{_HOST}):(?P<port>\d+)")
-
-
-@dataclass(frozen=True)
-class Forward:
-    """One forwarded port: connections to listen_host:listen_port go to target_host:target_port."""
-
-    # Port 0 picks a free port; read the real one from WanEmulator.addresses after start.
-    listen_port: int
-    target_host: str
-    target_port: int
-    # Loopback by default, like ssh -L, so an emulator never exposes a server by accident.
-    listen_host: str = "127.0.0.1"
-
-    @classmethod
-    def parse(cls, spec: str) -> Forward:
-        """Parse ssh -L syntax: "6000:127.0.0.1:5000" or "LISTEN_HOST:6000:127.0.0.1:5000"."""
-        m = _FORWARD_RE.fullmatch(spec.strip())
-        if m is None:
-            raise ValueError(f"bad forward {spec!r}: expected [LISTEN_HOST:]LISTEN_PORT:HOST:PORT, "
-                             "e.g. 6000:127.0.0.1:5000")
-        listen_port, target_port = int(m["lport"]), int(m["port"])
-        target_host = m["host"].strip("[]")
-        if not target_host:
-            raise ValueError(f"bad forward {spec!r}: empty target host")
-        if not 0 <= listen_port <= 65535 or not 1 <= target_port <= 65535:
-            raise ValueError(f"bad forward {spec!r}: ports must be 0-65535 (target 1-65535)")
-        listen_host = m["lhost"]
-        if listen_host is None:
-            listen_host = "127.0.0.1"
-        elif listen_host.strip("[]") in ("", "*"):
-            listen_host = "0.0.0.0"  # ssh: an empty address or "*" means every interface
-        return cls(listen_port, target_host, target_port, listen_host.strip("[]"))
-
-    def __str__(self) -> str:
-        return f"{self.listen_host}:{self.listen_port} -> {self.target_host}:{self.target_port}"
 
 
 class _Pipe:
@@ -162,21 +57,11 @@ class _Pipe:
 
     def push(self, data: bytes) -> None:
         now = self.loop.time()
-        step = CAPPED_SLICE if self.wan.link.mbit is not None else len(data)
+        step = self.wan.link.slice_size(len(data))
         for i in range(0, len(data), step):
             self._enqueue(now, _DATA, data[i:i + step])
-        if self.queued_bytes > self._water_marks()[0]:
+        if self.queued_bytes > self.wan.link.water_marks()[0]:
             self.src.pause("queue")
-
-    def _water_marks(self) -> tuple[int, int]:
-        """(pause above, resume at or below) for the bytes queued in this pipe."""
-        link = self.wan.link
-        if link.mbit is None:
-            return HIGH_WATER, LOW_WATER
-        bytes_per_s = link.mbit * 1e6 / 8
-        in_flight_s = link.one_way_s + link.jitter_ms / 1000
-        return (max(CAPPED_SLICE, int(bytes_per_s * (in_flight_s + CAPPED_QUEUE_S))),
-                int(bytes_per_s * (in_flight_s + CAPPED_QUEUE_S / 2)))
 
     def push_eof(self) -> None:
         self._enqueue(self.loop.time(), _EOF, b"")
@@ -196,7 +81,7 @@ class _Pipe:
     def _enqueue(self, now: float, kind: str, payload: bytes) -> None:
         if self.dead:
             return
-        at = max(self.last_at, self.wan._arrival_time(self.direction, len(payload), now))
+        at = in_order(self.last_at, self.wan._clock.arrival_time(self.direction, len(payload), now))
         self.last_at = at
         self.queue.append((at, kind, payload))
         self.queued_bytes += len(payload)
@@ -212,14 +97,15 @@ class _Pipe:
     def _pump(self) -> None:
         """Deliver everything that is due, then wait until the next chunk is (absolute time)."""
         self.timer = None
+        lead = self.wan._wake.lead
         while self.queue and self.dst.transport is not None:
             at = self.queue[0][0]
             wait = at - self.loop.time()
             if wait <= 0:
                 self._deliver(*self.queue.popleft())
-            elif wait > self.wan._wake.lead:
+            elif wait > lead:
                 # Sleep, but wake early by the loop's usual lateness ...
-                self.timer = self.loop.call_at(at - self.wan._wake.lead, self._woken, at - self.wan._wake.lead)
+                self.timer = self.loop.call_at(at - lead, self._woken, at - lead)
                 return
             else:
                 # ... and spin through the last fraction of a millisecond.
@@ -237,7 +123,8 @@ class _Pipe:
             self.queued_bytes -= len(payload)
             if not transport.is_closing():
                 transport.write(payload)
-            if self.queued_bytes <= self._water_marks()[1]:
+                self.wan._observe(self.src.conn.id, self.direction, payload)
+            if self.queued_bytes <= self.wan.link.water_marks()[1]:
                 self.src.resume("queue")
         elif kind == _EOF:
             if not transport.is_closing() and transport.can_write_eof():
@@ -328,8 +215,8 @@ class _Endpoint(asyncio.Protocol):
 class _Connection:
     """A proxied connection: the accepted client socket, the target socket and two pipes."""
 
-    def __init__(self, wan: WanEmulator, forward: Forward) -> None:
-        self.wan, self.forward = wan, forward
+    def __init__(self, wan: WanEmulator, forward: Forward, conn_id: int) -> None:
+        self.wan, self.forward, self.id = wan, forward, conn_id
         self.near = _Endpoint(self, "near")
         self.far = _Endpoint(self, "far")
         self.near.outgoing = self.far.incoming = _Pipe(wan, UP, self.near, self.far)
@@ -376,22 +263,24 @@ class _Connection:
 
 
 class WanEmulator:
-    """Forwards TCP ports through an emulated WAN link; see the module docstring.
+    """Forwards TCP ports through an emulated WAN link; see the package docstring.
 
     Three ways to run it:
       * `await start()` / `await stop()` inside a running event loop;
       * `with wan.running(): ...` runs its own loop in a background thread (for experiments);
-      * `main()` / `python -m splitinfer wan` runs it until Ctrl-C.
-    `set_link()` and `cut()` may be called from any thread.
+      * `python -m splitinfer wan` runs it until Ctrl-C.
+    `set_link()` and `cut()` may be called from any thread. `observer`, if given, is called
+    on the emulator's loop with (connection id, direction, bytes) for every forwarded chunk,
+    as it is written to the destination socket; ids count up from 0 in accept order.
     """
 
-    def __init__(self, link: Link, forwards: Sequence[Forward]) -> None:
+    def __init__(self, link: Link, forwards: Sequence[Forward], observer: Observer | None = None) -> None:
         if not forwards:
             raise ValueError("WanEmulator needs at least one Forward")
         self.forwards = list(forwards)
-        self._link = link
-        self._rng = random.Random(link.seed)
-        self._link_free_at = [0.0, 0.0]  # per direction: when the link finishes sending what it has
+        self._clock = LinkClock(link)
+        self._observer = observer
+        self._ids = itertools.count()
         self._wake = _WakeLead()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._servers: list[asyncio.AbstractServer] = []
@@ -401,25 +290,15 @@ class WanEmulator:
 
     @property
     def link(self) -> Link:
-        return self._link
+        return self._clock.link
 
     def set_link(self, link: Link) -> None:
         """Change the link for every chunk read from now on; queued chunks keep their times."""
-        def apply() -> None:
-            self._link = link
-            self._rng = random.Random(link.seed)
-        self._call_in_loop(apply)
+        self._call_in_loop(lambda: self._clock.set_link(link))
 
-    def _arrival_time(self, direction: int, nbytes: int, now: float) -> float:
-        """When a chunk read `now` reaches the other side (before the no-reordering max)."""
-        link = self._link
-        sent_at = now
-        if link.mbit is not None:
-            # Serialised after whatever the link is still sending in this direction.
-            sent_at = max(now, self._link_free_at[direction]) + link.serialisation_s(nbytes)
-            self._link_free_at[direction] = sent_at
-        jitter_s = self._rng.uniform(0.0, link.jitter_ms) / 1000.0 if link.jitter_ms else 0.0
-        return sent_at + link.one_way_s + jitter_s
+    def _observe(self, conn_id: int, direction: int, data: bytes) -> None:
+        if self._observer is not None:
+            self._observer(conn_id, direction, data)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -431,7 +310,7 @@ class WanEmulator:
         try:
             for forward in self.forwards:
                 self._servers.append(await self._loop.create_server(
-                    lambda f=forward: _Connection(self, f).near,
+                    lambda f=forward: _Connection(self, f, next(self._ids)).near,
                     forward.listen_host, forward.listen_port, reuse_address=True))
         except BaseException:
             await self.stop()
@@ -517,91 +396,3 @@ def _set_nodelay(transport: asyncio.Transport) -> None:
     sock = transport.get_extra_info("socket")
     if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-# -- command line ----------------------------------------------------------------------------
-
-DESCRIPTION = """\
-Forward local TCP ports to targets through an emulated WAN link, like `ssh -L` port
-forwarding with added latency: each chunk is delivered rtt/2 later in each direction,
-in order, optionally with jitter and a bandwidth cap. Runs until Ctrl-C."""
-
-EPILOG = """\
-example: emulate an 80 ms path to a cloud server's HTTP and WebSocket ports
-  python -m splitinfer wan --rtt-ms 80 -L 6000:127.0.0.1:5000 -L 6001:127.0.0.1:5001
-then point the client at 127.0.0.1:6000 / :6001 instead of :5000 / :5001."""
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rtt-ms", type=float, default=0.0, metavar="MS",
-                        help="round-trip time to add; each direction gets half (default: 0)")
-    parser.add_argument("--jitter-ms", type=float, default=0.0, metavar="MS",
-                        help="extra per-chunk delay, uniform in [0, MS] per direction; never reorders (default: 0)")
-    parser.add_argument("--mbit", type=float, default=None, metavar="MBIT",
-                        help="bandwidth cap per direction in megabits/s, shared by all connections "
-                             "(default: unlimited)")
-    parser.add_argument("--seed", type=int, default=None, help="seed for the jitter draws (default: random)")
-    parser.add_argument("-L", dest="forwards", metavar="SPEC", action="append", required=True,
-                        type=_forward_arg,
-                        help="forward [LISTEN_HOST:]LISTEN_PORT:HOST:PORT, as in ssh -L; "
-                             "repeat for several ports (listen host defaults to 127.0.0.1)")
-
-
-def add_subparser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register the `wan` subcommand; its `func` default runs it (returns an exit code)."""
-    parser = subparsers.add_parser("wan", help="forward ports through an emulated WAN link (added RTT)",
-                                   description=DESCRIPTION, epilog=EPILOG,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    parser.set_defaults(func=run_cli)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m splitinfer.wan", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run_cli(parser.parse_args(argv))
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Run the emulator described by parsed arguments until Ctrl-C or SIGTERM."""
-    try:
-        link = Link(args.rtt_ms, args.jitter_ms, args.mbit, args.seed)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    return asyncio.run(_serve_until_signal(WanEmulator(link, args.forwards)))
-
-
-async def _serve_until_signal(wan: WanEmulator) -> int:
-    try:
-        await wan.start()
-    except OSError as exc:
-        print(f"error: cannot listen: {exc}", file=sys.stderr)
-        return 1
-    for forward, (host, port) in zip(wan.forwards, wan.addresses):
-        print(f"wan: {host}:{port} -> {forward.target_host}:{forward.target_port} ({wan.link.describe()})",
-              flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not main thread / Windows
-            loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        await wan.stop()
-    return 0
-
-
-def _forward_arg(spec: str) -> Forward:
-    try:
-        return Forward.parse(spec)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

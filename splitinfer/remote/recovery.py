@@ -1,9 +1,9 @@
-"""The local side's view of the cloud: one persistent WebSocket, one session, frames in and out.
+"""A cloud session that survives the loss of its session or connection: record, reconnect, replay.
 
-A `RemoteSpan` behaves like the cloud's layers called in-process: `forward`
-takes hidden states and returns hidden states.  Cache edits (`crop`, keep a
-path) are queued and ride in the header of the next `forward`, so a decoding
-step is exactly one request and one reply.  Nothing here knows about tokens.
+`RemoteSpan` behaves like the cloud's layers called in-process: `forward` takes
+hidden states and returns hidden states (and the round trip's timing).  Cache
+edits (`crop`, `relocate` a path) are queued and ride in the header of the next
+`forward`, so a decoding step is exactly one request and one reply.
 """
 
 from __future__ import annotations
@@ -11,63 +11,19 @@ from __future__ import annotations
 import logging
 import random
 import time
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator
-from urllib.parse import urlsplit, urlunsplit
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import torch
-from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
-from websockets.sync.client import ClientConnection, connect
 
-from . import protocol
-from .config import RECONNECT_TIMEOUT_S
-from .identity import Identity
-from .protocol import ProtocolError
+from .. import protocol
+from ..config import RECONNECT_TIMEOUT_S
+from ..identity import Identity
+from .transport import CloudConnection, CloudError, WireTiming, to_wire
 
 log = logging.getLogger(__name__)
-
-
-class CloudError(RuntimeError):
-    """The cloud refused a request or could not be reached; `code` is the protocol's error code."""
-
-    def __init__(self, code: str, message: str):
-        super().__init__(f"cloud: {code}: {message}")
-        self.code, self.message = code, message
-
-
-def ws_url(cloud: str, ws: str | None = None) -> str:
-    """The WebSocket address: --cloud-ws as given, else --cloud's host with port + 1 (the spec's tunnel)."""
-    if ws:
-        return ws
-    parts = urlsplit(cloud if "://" in cloud else f"http://{cloud}")
-    if parts.hostname is None:
-        raise ValueError(f"cannot read a host from --cloud {cloud!r}")
-    port = (parts.port or (443 if parts.scheme == "https" else 80)) + 1
-    scheme = "wss" if parts.scheme == "https" else "ws"
-    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
-    return urlunsplit((scheme, f"{host}:{port}", "", "", ""))
-
-
-@dataclass
-class WireTiming:
-    """One round trip as the local side saw it."""
-
-    serialize_ms: float  # encoding the request + decoding the reply
-    wait_ms: float  # from the send to the reply, cloud compute included
-    cloud_ms: float  # the cloud's own compute, from the reply header
-    bytes_sent: int
-    bytes_received: int
-
-    @property
-    def network_ms(self) -> float:
-        return max(0.0, self.wait_ms - self.cloud_ms)
-
-
-def to_wire(t: torch.Tensor) -> np.ndarray:
-    return t.detach().to("cpu", torch.float16).numpy()
-
 
 # Errors that mean the session or its connection is gone (not that the request was wrong): a
 # RemoteSpan answers them by reconnecting, opening a new session and replaying its cache.  Never
@@ -75,147 +31,10 @@ def to_wire(t: torch.Tensor) -> np.ndarray:
 SESSION_LOST = frozenset({"disconnected", "unknown_session", "timeout", "unreachable"})
 # While reconnecting, a full server is worth another try too: it may free a slot (an old
 # session of ours that it has not yet noticed is dead, say).
-_RETRY_WHILE_RECONNECTING = SESSION_LOST | {"busy"}
+RETRY_WHILE_RECONNECTING = SESSION_LOST | {"busy"}
 
 _CLOSE_REPLY_S = 5.0  # closing is a courtesy (the server drops a closed connection's sessions anyway)
 _BACKOFF_FIRST_S, _BACKOFF_MAX_S = 0.1, 4.0
-
-# WebSocket close codes the server uses on purpose (RFC 6455): not a lost link, so not retried.
-_CLOSE_CODES = {1009: "too_large", 1008: "policy", 1007: "bad_frame", 1002: "bad_frame"}
-
-# A reply is never larger than its request; this caps what a hostile or broken server can make us buffer.
-MAX_REPLY_BYTES = 256 << 20
-
-
-class CloudConnection:
-    """One persistent connection; sessions are opened on it."""
-
-    def __init__(
-        self,
-        url: str,
-        token: str | None = None,
-        *,
-        open_timeout: float = 10.0,
-        reply_timeout: float = 60.0,
-        close_timeout: float = 2.0,
-    ):
-        self.url, self.reply_timeout = url, reply_timeout
-        self.open_timeout, self.close_timeout = open_timeout, close_timeout
-        self._token = token  # kept for reconnecting; never logged
-        self.max_frame_bytes: int | None = None  # the server's limit, once a session tells us
-        headers = {"Authorization": f"Bearer {token}"} if token else None
-        self._stack = ExitStack()  # websockets wants its connections used as context managers
-        try:
-            self.ws: ClientConnection = self._stack.enter_context(connect(
-                url,
-                additional_headers=headers,
-                open_timeout=open_timeout,
-                close_timeout=close_timeout,  # a dead peer must not hold up a reconnect
-                max_size=MAX_REPLY_BYTES,
-                compression=None,
-                proxy=None,  # the tunnel is the route; never a proxy from the environment
-            ))
-        except InvalidStatus as exc:
-            code = exc.response.status_code
-            if code == 401:
-                raise CloudError("auth", f"{url} refused the handshake (HTTP 401): missing or wrong token") from None
-            if code == 503:
-                raise CloudError("busy", f"{url} is at its connection limit (HTTP 503)") from None
-            raise CloudError("handshake", f"{url} answered HTTP {code}") from None
-        except (OSError, TimeoutError, WebSocketException) as exc:
-            raise CloudError("unreachable", f"cannot connect to {url}: {exc}") from None
-
-    def reconnect(self, open_timeout: float | None = None) -> "CloudConnection":
-        """A new connection to the same server with the same token and timeouts."""
-        return CloudConnection(
-            self.url,
-            self._token,
-            open_timeout=self.open_timeout if open_timeout is None else open_timeout,
-            reply_timeout=self.reply_timeout,
-            close_timeout=self.close_timeout,
-        )
-
-    def request(
-        self, header: dict[str, Any], tensors: dict[str, np.ndarray] | None = None, *, timeout: float | None = None
-    ) -> tuple[protocol.Frame, WireTiming]:
-        timeout = self.reply_timeout if timeout is None else timeout
-        t0 = time.perf_counter()
-        data = protocol.encode(header, tensors)
-        if self.max_frame_bytes is not None and len(data) > self.max_frame_bytes:
-            # The server would close the connection on it (WebSocket 1009); say why instead.
-            raise CloudError("too_large", f"a {len(data)}-byte frame exceeds the server's {self.max_frame_bytes}")
-        t1 = time.perf_counter()
-        try:
-            self.ws.send(data)
-            raw = self.ws.recv(timeout=timeout)
-        except TimeoutError:
-            raise CloudError("timeout", f"no reply from {self.url} within {timeout:g} s") from None
-        except ConnectionClosed as exc:
-            code = exc.rcvd.code if exc.rcvd is not None else None
-            if code in _CLOSE_CODES:
-                raise CloudError(_CLOSE_CODES[code], f"{self.url} closed the connection: {exc}") from None
-            if exc.sent is not None and exc.sent.code == 1009:
-                raise CloudError("bad_reply", f"{self.url} sent a reply over {MAX_REPLY_BYTES} bytes") from None
-            raise CloudError("disconnected", f"connection to {self.url} lost: {exc}") from None
-        except OSError as exc:
-            raise CloudError("disconnected", f"connection to {self.url} lost: {exc}") from None
-        t2 = time.perf_counter()
-        try:
-            frame = protocol.decode(raw, max_frame_bytes=1 << 40, replies=True)
-        except ProtocolError as exc:
-            if exc.code == "version":  # an older or newer cloud: say so, not "bad reply"
-                raise CloudError("version", f"{self.url}: {exc.message}") from None
-            raise CloudError("bad_reply", exc.message) from None
-        t3 = time.perf_counter()
-        if frame.op == "error":
-            raise CloudError(str(frame.header.get("code", "error")), str(frame.header.get("message", "")))
-        if frame.step != header.get("step", 0) or (header.get("session") and frame.session != header["session"]):
-            raise CloudError("bad_reply", f"a reply for step {frame.step!r} of another session or step")
-        timing = WireTiming(
-            serialize_ms=((t1 - t0) + (t3 - t2)) * 1000.0,
-            wait_ms=(t2 - t1) * 1000.0,
-            cloud_ms=float(frame.header.get("cloud_ms", 0.0)),
-            bytes_sent=len(data),
-            bytes_received=len(raw),
-        )
-        return frame, timing
-
-    def open_raw(self, *, expected: Identity | None) -> tuple[str, dict[str, Any]]:
-        """Open a session; returns its id and the server's limits.
-
-        `expected` is what the cloud must compute (LocalSide.identity): any difference in what
-        `opened` states raises CloudError "mismatch" before a single activation is sent.  Only a
-        test or tool speaking raw protocol, with no model of its own, passes None.
-        """
-        frame, _ = self.request({"op": "open", "session": None, "step": 0})
-        if expected is not None:
-            check_identity(self.url, frame.header.get("identity"), expected)
-        limits = frame.header.get("limits") or {}
-        if isinstance(limits.get("max_frame_bytes"), int):
-            self.max_frame_bytes = limits["max_frame_bytes"]
-        return frame.session, limits
-
-    def open_session(
-        self, *, expected: Identity | None, reconnect_timeout: float | None = RECONNECT_TIMEOUT_S
-    ) -> "RemoteSpan":
-        session, limits = self.open_raw(expected=expected)
-        return RemoteSpan(self, session, limits, expected=expected, reconnect_timeout=reconnect_timeout)
-
-    def close(self) -> None:
-        self._stack.close()
-
-
-def check_identity(url: str, stated: Any, expected: Identity) -> None:
-    """Refuse a cloud whose stated identity differs from `expected`: CloudError "mismatch" names each difference."""
-    if stated is None:
-        raise CloudError("mismatch", f"{url} does not state which layers and weights it holds")
-    try:
-        found = Identity.from_json(stated)
-    except ValueError as exc:
-        raise CloudError("bad_reply", f"{url} stated a malformed identity: {exc}") from None
-    differences = found.differences(expected)
-    if differences:
-        raise CloudError("mismatch", f"{url} computes something else: {'; '.join(differences)}")
 
 
 class _Record:
@@ -250,7 +69,7 @@ class _Record:
             raise ValueError(f"cannot crop a record of {self.length} rows to {length}")
         self.length = length
 
-    def keep(self, start: int, indices: list[int]) -> None:
+    def relocate(self, start: int, indices: list[int]) -> None:
         if not 0 <= start <= self.length or any(not start <= i < self.length for i in indices):
             raise ValueError(f"relocate {start}, {indices} outside a record of {self.length} rows")
         for rows in self._rows.values():
@@ -270,7 +89,7 @@ class RemoteSpan:
 
     Besides forwarding, it records the float16 rows it sent for every entry of the
     cloud's cache (about 1.4 KB per token for the default model) and applies the same
-    crop/keep edits to that record.  When the session or its connection is lost
+    crop/relocate edits to that record.  When the session or its connection is lost
     (SESSION_LOST codes: the server restarted, the session expired, the link dropped),
     it reconnects with exponential backoff, opens a new session, replays the record
     as chain forwards and re-sends the request, so the caller sees nothing but a
@@ -301,26 +120,22 @@ class RemoteSpan:
         self._edits: list[dict[str, Any]] = []
         self._record = _Record()
         self._owns_conn = False  # a connection this span opened itself when it reconnected
-        self.last: WireTiming | None = None
         self.recoveries = 0  # sessions rebuilt so far
         self.replayed_tokens = 0  # cache entries re-sent while rebuilding
-
-    @property
-    def cache_length(self) -> int:
-        """Entries the cloud's cache holds once the queued edits are applied."""
-        return self._record.length
 
     def crop(self, length: int) -> None:
         self._record.crop(length)
         self._edits.append({"op": "crop", "length": length})
 
-    def keep(self, start: int, indices: list[int]) -> None:
+    def relocate(self, start: int, indices: list[int]) -> None:
         indices = list(indices)
-        self._record.keep(start, indices)
+        self._record.relocate(start, indices)
         self._edits.append({"op": "relocate", "start": start, "indices": indices})
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: torch.Tensor | None) -> torch.Tensor:
-        """hidden [1, q, H], cos/sin [1, q, D], block [q, q] bool or None (plain chain) -> hidden [1, q, H]."""
+    def forward(
+        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: torch.Tensor | None
+    ) -> tuple[torch.Tensor, WireTiming]:
+        """hidden [1, q, H], cos/sin [1, q, D], block [q, q] bool or None (plain chain) -> (hidden [1, q, H], timing)."""
         t0 = time.perf_counter()
         tensors = {"hidden": to_wire(hidden), "cos": to_wire(cos), "sin": to_wire(sin)}
         if block is not None:
@@ -343,8 +158,7 @@ class RemoteSpan:
         t1 = time.perf_counter()
         out = torch.from_numpy(reply.copy()).to(hidden.device, hidden.dtype)
         timing.serialize_ms += pre_ms + (time.perf_counter() - t1) * 1000.0
-        self.last = timing
-        return out
+        return out, timing
 
     def _next_step(self) -> int:
         self._step += 1
@@ -373,7 +187,7 @@ class RemoteSpan:
                 header = {"op": "forward", "session": self.session, "step": self._next_step()}
                 frame, timing = self.conn.request(header, tensors)
             except CloudError as exc:
-                if exc.code not in _RETRY_WHILE_RECONNECTING:
+                if exc.code not in RETRY_WHILE_RECONNECTING:
                     raise
                 last = exc
                 log.info("reconnect attempt %d failed: %s", attempts, exc)
@@ -444,7 +258,8 @@ def cloud_session(
     """
     conn = CloudConnection(url, token)
     try:
-        span = conn.open_session(expected=expected, reconnect_timeout=reconnect_timeout)
+        session, limits = conn.open_raw(expected=expected)
+        span = RemoteSpan(conn, session, limits, expected=expected, reconnect_timeout=reconnect_timeout)
         try:
             yield span
         finally:

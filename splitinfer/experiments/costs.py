@@ -1,0 +1,103 @@
+"""What the split costs, from the benchmarks (benchmarks/split_overhead.py, step_cost.py, memory.py, load.py):
+their tables and values in the documents."""
+
+from __future__ import annotations
+
+from .registry import PROMPTS, SPLIT_NUMERICS, f2, load, markdown_table, pct, produced_by, source, table, values
+
+produced_by("overhead", outputs=["split_overhead"], code=["benchmarks/split_overhead.py", *SPLIT_NUMERICS, *PROMPTS])
+produced_by("step-cost", outputs=["step_cost", "gpu/step_cost"],
+            code=["benchmarks/step_cost.py", "splitinfer/experiments/testbed.py", *SPLIT_NUMERICS])
+produced_by("memory", outputs=["memory"],
+            code=["benchmarks/memory.py", "splitinfer/cloud/memory.py", "splitinfer/cloud/sessions.py", "splitinfer/hf.py",
+                  "splitinfer/kv.py"])
+produced_by("load", outputs=["load"], code=["benchmarks/load.py", "splitinfer/cloud", *SPLIT_NUMERICS, *PROMPTS])
+produced_by("first-hour", outputs=["first_hour"], code=["benchmarks/first_hour.py"])
+
+
+@table("overhead")
+def overhead_table() -> str:
+    d = load("split_overhead")
+    s, m, f = d["split"], d["memory"], d["full_model"]
+    b = s["breakdown_ms_per_step"]
+    rows = [
+        ["split, loopback (sequential)", f2(s["tokens_per_second"]), f"{s['ms_per_step']:.1f}", pct(s["serialization_share"], 2)],
+        ["full model, one process", f2(f["tokens_per_second"]), f"{1000 / f['tokens_per_second']:.1f}", "-"],
+    ]
+    mem = markdown_table(
+        ["", "parameters", "peak RSS (MB)"],
+        [
+            ["local side", f"{m['local_parameters'] / 1e6:.1f}M ({pct(m['local_share_of_parameters'], 0)})", f"{m['local_peak_rss_mb']:.0f}"],
+            ["cloud side", f"{m['cloud_parameters'] / 1e6:.1f}M", f"{m['cloud_peak_rss_mb']:.0f}"],
+            ["whole model", f"{m['whole_model_parameters'] / 1e6:.1f}M", f"{m['whole_model_peak_rss_mb']:.0f}"],
+        ],
+    )
+    parts = ", ".join(f"{k.removesuffix('_ms')} {v:.1f}" for k, v in b.items())
+    return (
+        markdown_table(["", "tokens/s", "ms/step", "serialisation share"], rows)
+        + f"\n\nPer step (ms): {parts}.\n\n" + mem + source("split_overhead")
+    )
+
+
+@values("overhead")
+def overhead_value(prefix: str, what: str) -> str:
+    """overhead.serialization_share / .local_share / .float32_weights_mb / .split_tps / .full_tps."""
+    d = load("split_overhead")
+    if what == "serialization_share":
+        return pct(d["split"]["serialization_share"], 2)
+    if what == "local_share":
+        return pct(d["memory"]["local_share_of_parameters"], 0)
+    if what == "float32_weights_mb":  # what a step reads: the whole model's weights in float32, in MB
+        return f"{d['memory']['whole_model_parameters'] * 4 / 1e6:.0f}"
+    return f2(d["split" if what == "split_tps" else "full_model"]["tokens_per_second"])
+
+
+@table("step-cost")
+def step_cost_table() -> str:
+    d = load("step_cost")
+    before, after = d["kernels"].get("torch"), d["kernels"].get("auto")
+    rows = []
+    for i, r in enumerate(after or before):
+        b = before[i]["total_ms"] if before else None
+        rows.append([str(r["tokens"]), f"{b:.1f}" if b is not None else "-", f"{r['total_ms']:.1f}" if after else "-",
+                     f"{b / r['total_ms']:.2f}×" if before and after else "-",
+                     f"{r['local_ms']:.1f}", f"{r['cloud_ms']:.1f}", f"{r['serialize_ms']:.2f}"])
+    head = ["tokens verified (K)", "step ms, before (transformers' kernels)", "step ms, after (splitinfer/kernels.py)", "speed-up",
+            "after: local ms", "after: cloud ms", "after: serialisation ms"]
+    return markdown_table(head, rows) + source("step_cost")
+
+
+def gpu_step_cost_table() -> str:
+    rows = [[str(r["tokens"]), f"{r['total_ms']:.1f}", f"{r['local_ms']:.1f}", f"{r['cloud_ms']:.1f}"]
+            for r in load("gpu/step_cost")["kernels"]["auto"]]
+    return markdown_table(["tokens verified (K)", "step ms", "local ms", "cloud ms"], rows) + source("gpu/step_cost")
+
+
+@values("step", "gpu_step")
+def step_value(prefix: str, what: str) -> str:
+    """step.<K> / gpu_step.<K>: the step's total ms with splitinfer's kernels."""
+    rows = load("step_cost" if prefix == "step" else "gpu/step_cost")["kernels"]["auto"]
+    return f"{next(r['total_ms'] for r in rows if r['tokens'] == int(what)):.0f}"
+
+
+@table("memory")
+def memory_table() -> str:
+    """Measured memory of the cloud process (benchmarks/memory.py) against the bounds the limits are sized by."""
+    d = load("memory")
+    rows = [[f"one session, {s['tokens']} tokens", f"{s['cache_mb']:.0f}", f"{s['held_mb']:.0f}",
+             f"{s['peak_growth_mb']:.0f}", f"{s['bound_mb']:.0f}"] for s in d["sessions"]]
+    c = d["connections"]
+    frame_mb = c["frame_bytes"] / 2**20
+    rows.append([f"one connection, frames of {frame_mb:.1f} MiB sent to a busy server", "-",
+                 f"{c['frames_held_per_connection'] * frame_mb:.0f} ({c['frames_held_per_connection']:.1f} frames)", "-",
+                 f"{c['bound_frames'] * frame_mb:.0f} ({c['bound_frames']} frames)"])
+    long = d["long_sessions"]
+    text = markdown_table(["what", "cache (formula), MiB", "held, MiB", "peak growth, MiB", "bound used for the limits, MiB"],
+                          rows)
+    defaults = d["defaults_on_24_gib"]
+    text += (f"\n\nAfter {long['sessions']} sessions of {long['tokens']} tokens were filled and closed, the cloud's RSS went "
+             f"from {long['rss_start_mb']:.0f} MiB through a peak of {long['rss_peak_mb']:.0f} MiB back to "
+             f"{long['rss_after_mb']:.0f} MiB ({100 * long['change']:+.1f}%).  On a machine with 24 GiB available the "
+             f"defaults come out at {defaults['max_sessions']} sessions and {defaults['max_connections']} connections, "
+             f"frames up to {defaults['per_frame_mb']:.1f} MiB.")
+    return text + source("memory")

@@ -1,0 +1,88 @@
+"""Sequential and lookahead decoding side by side over one emulated WAN link (benchmarks/wan_side_by_side.py):
+the aggregation, and its table and values in the documents."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from .registry import DECODING, PROMPTS, SPLIT_NUMERICS, differences, f2, load, markdown_table, pct, produced_by, recomputed, source, table, values
+
+FILES = {"sbs": "wan_side_by_side", "gpu_sbs": "gpu/wan_side_by_side",  # value prefixes and their files
+         "gpu_sbs_cpu_local": "gpu/wan_side_by_side_cpu_local"}
+
+produced_by("side-by-side", outputs=FILES.values(),
+            code=["benchmarks/wan_side_by_side.py", "splitinfer/experiments/testbed.py", *SPLIT_NUMERICS, *DECODING,
+                  *PROMPTS])
+
+
+def summarise(runs: dict[str, list[dict]], rtt_ms: float) -> tuple[dict[str, Any], float]:
+    """Per mode: tokens/s and per step pooled over its runs, mean local and cloud ms per step, and the physical
+    limit (one token per RTT + local + cloud); with lookahead's speed over sequential's."""
+    summary = {}
+    for mode, rs in runs.items():
+        decoded = sum(sum(r["accepted_per_step"]) for r in rs)
+        seconds = sum(r["decode_seconds"] for r in rs)
+        steps = [t for r in rs for t in r["timings"]]
+        local = statistics.mean(t["local_before_ms"] + t["local_after_ms"] for t in steps)
+        cloud = statistics.mean(t["cloud_ms"] for t in steps)
+        summary[mode] = {
+            "tokens_per_second": decoded / seconds,
+            "tokens_per_step": decoded / len(steps),
+            "ms_per_step": seconds * 1000 / len(steps),
+            "local_ms_per_step": local,
+            "cloud_ms_per_step": cloud,
+            "physical_limit_tokens_per_second": 1000.0 / (rtt_ms + local + cloud),
+        }
+    seq, la = summary["sequential"], summary["lookahead"]
+    seq["share_of_physical_limit"] = seq["tokens_per_second"] / seq["physical_limit_tokens_per_second"]
+    return summary, la["tokens_per_second"] / seq["tokens_per_second"]
+
+
+@recomputed(*FILES.values())
+def check(data: dict[str, Any]) -> list[str]:
+    """Each run's tokens per step from its accepted_per_step; the summary and the ratio from the runs."""
+    out = []
+    for mode, rs in data["runs"].items():
+        for i, r in enumerate(rs):
+            per_step = round(sum(r["accepted_per_step"]) / r["steps"], 4) if r["steps"] else 0.0
+            out += differences(r["tokens_per_step"], per_step, f"runs.{mode}[{i}].tokens_per_step")
+    summary, ratio = summarise(data["runs"], data["settings"]["rtt_ms"])
+    out += differences(data["summary"], summary, "summary")
+    return out + differences(data["lookahead_over_sequential"], ratio, "lookahead_over_sequential")
+
+
+@table("side-by-side")
+def side_by_side_table(name: str = FILES["sbs"]) -> str:
+    d = load(name)
+    s = d["summary"]
+    rows = [[m, f2(v["tokens_per_second"]), f2(v["tokens_per_step"]), f"{v['ms_per_step']:.0f}",
+             f"{v['local_ms_per_step']:.0f}", f"{v['cloud_ms_per_step']:.0f}"] for m, v in s.items()]
+    text = markdown_table(["mode", "tokens/s", "tokens/step", "ms/step", "local ms", "cloud ms"], rows)
+    text += (f"\n\nLookahead / sequential: {d['lookahead_over_sequential']:.2f}x; sequential reaches "
+             f"{pct(s['sequential']['share_of_physical_limit'])} of its physical limit "
+             f"({f2(s['sequential']['physical_limit_tokens_per_second'])} tokens/s).")
+    return text + source(name)
+
+
+def tree_steps(d: dict[str, Any], what: str) -> str:
+    """Of lookahead's steps in a side-by-side run: the share that verified the root alone (no
+    source had a guess after it), or the tokens committed per step among the others."""
+    steps = [(t["tokens"], a) for r in d["runs"]["lookahead"] for t, a in zip(r["timings"], r["accepted_per_step"])]
+    trees = [a for k, a in steps if k > 1]
+    if what == "root_only_share":
+        return pct(1 - len(trees) / len(steps), 0)
+    return f2(sum(trees) / len(trees))
+
+
+@values(*FILES)
+def side_by_side_value(prefix: str, what: str) -> str:
+    """<prefix>.ratio; .root_only_share / .tokens_per_tree_step (see tree_steps); .<mode>.<summary field>."""
+    d = load(FILES[prefix])
+    if what == "ratio":
+        return f2(d["lookahead_over_sequential"])
+    if what in ("root_only_share", "tokens_per_tree_step"):
+        return tree_steps(d, what)
+    mode, _, field = what.partition(".")
+    v = d["summary"][mode][field]
+    return pct(v) if field.startswith("share") else f2(v)
