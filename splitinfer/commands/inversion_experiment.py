@@ -20,7 +20,7 @@ from ..cli import HelpFormatter, fail, model_problem
 from ..config import OUT_HELP, experiment_out
 
 if TYPE_CHECKING:
-    from ..privacy.experiment import Settings
+    from ..privacy.settings import Settings
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -32,8 +32,8 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    # The defaults shown come from the experiment's Settings, whose module imports torch (privacy/experiment.py).
-    from ..privacy.experiment import INPUT_ATTACKERS, Settings
+    # The defaults shown come from the experiment's Settings (privacy/settings.py, torch-free).
+    from ..privacy.settings import INPUT_ATTACKERS, Settings
 
     d = Settings()
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    from ..privacy.experiment import INPUT_ATTACKERS, Settings
+    from ..privacy.settings import INPUT_ATTACKERS, Settings
 
     over = {}
     for name, value in (("depths", args.depths), ("n_per_kind", args.n_per_kind), ("train_tokens", args.train_tokens),
