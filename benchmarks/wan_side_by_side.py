@@ -9,7 +9,6 @@ step).  Measures; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 from splitinfer.cli import HelpFormatter, add_model_args, add_testbed_args
@@ -17,6 +16,7 @@ from splitinfer.config import OUT_HELP, experiment_out
 from splitinfer.decoding.lookahead import Memory
 from splitinfer.experiments import prompts as prompt_sets
 from splitinfer.experiments.record import provenance, write_json
+from splitinfer.experiments.side_by_side import summarise
 from splitinfer.experiments.testbed import settings, testbed_for
 
 
@@ -44,24 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                 g = bed.generate(ids, mode, args.max_new_tokens, **opts)
                 runs[mode].append({"category": p["category"], "prompt": p["prompt"], **g.as_dict()})
         side = bed.local
-    summary = {}
-    for mode, rs in runs.items():
-        decoded = sum(sum(r["accepted_per_step"]) for r in rs)
-        seconds = sum(r["decode_seconds"] for r in rs)
-        steps = [t for r in rs for t in r["timings"]]
-        local = statistics.mean(t["local_before_ms"] + t["local_after_ms"] for t in steps)
-        cloud = statistics.mean(t["cloud_ms"] for t in steps)
-        summary[mode] = {
-            "tokens_per_second": decoded / seconds,
-            "tokens_per_step": decoded / len(steps),
-            "ms_per_step": seconds * 1000 / len(steps),
-            "local_ms_per_step": local,
-            "cloud_ms_per_step": cloud,
-            "physical_limit_tokens_per_second": 1000.0 / (args.rtt_ms + local + cloud),
-        }
+    summary, ratio = summarise(runs, args.rtt_ms)
     seq, la = summary["sequential"], summary["lookahead"]
-    seq["share_of_physical_limit"] = seq["tokens_per_second"] / seq["physical_limit_tokens_per_second"]
-    ratio = la["tokens_per_second"] / seq["tokens_per_second"]
     write_json(args.out, {**provenance(settings(args, side), side.model_dir), "summary": summary, "lookahead_over_sequential": ratio, "runs": runs})
     print(f"at {args.rtt_ms:g} ms RTT: sequential {seq['tokens_per_second']:.2f} tok/s "
           f"({100 * seq['share_of_physical_limit']:.1f}% of its limit {seq['physical_limit_tokens_per_second']:.2f}), "
