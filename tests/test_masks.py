@@ -50,3 +50,8 @@ def test_full_mask_and_additive():
     assert add.shape == (1, 1, 2, 4)
     assert add[0, 0, 0, :3].eq(0).all() and add[0, 0, 0, 3] == torch.finfo(torch.float32).min
 
+
+
+@pytest.mark.parametrize("q", [1, 2, 7])
+def test_causal_is_the_block_mask_of_a_chain(q):
+    assert torch.equal(masks.causal(q), masks.block_mask(masks.chain(q)))

@@ -345,7 +345,7 @@ class OutputReader:
         """returned [T, H] float16 (prefill block + one row per decoding step) -> argmax token at each position."""
         pub, T = self.public, len(returned)
         cos, sin = pub.rope(range(T))
-        mask = masks.additive(masks.full_mask(0, masks.block_mask(masks.chain(T))), DTYPE)
+        mask = masks.additive(masks.full_mask(0, masks.causal(T)), DTYPE)
         h = torch.from_numpy(returned.astype(np.float32))[None]
         h = pub.run(h, self.resume_at, pub.num_layers, cos, sin, mask, None)
         return pub.lm_head(pub.norm(h))[0].argmax(-1).tolist()

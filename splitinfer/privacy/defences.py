@@ -79,7 +79,7 @@ def _packed_windows(sequences: Sequence[Sequence[int]], seq_len: int) -> torch.T
 def _causal_inputs(head: LocalHead, T: int):
     """cos, sin [1, T, head_dim] and the additive causal mask [1, 1, T, T] of a prefill; both broadcast over a batch."""
     cos, sin = head.rope(torch.arange(T)[None], DTYPE)
-    return cos, sin, masks.additive(masks.full_mask(0, masks.block_mask(masks.chain(T))), DTYPE)
+    return cos, sin, masks.additive(masks.full_mask(0, masks.causal(T)), DTYPE)
 
 
 def _full_forward(head: LocalHead, cloud: nn.Module, tail: nn.Module, ids: torch.Tensor):

@@ -107,7 +107,7 @@ class Public:
         """Float16 hidden states [T, H] after the first k layers, for each k in depths (one pass)."""
         T = len(ids)
         cos, sin = self.rope(range(T))
-        mask = masks.additive(masks.full_mask(0, masks.block_mask(masks.chain(T))), DTYPE)
+        mask = masks.additive(masks.full_mask(0, masks.causal(T)), DTYPE)
         h = self.embed(torch.tensor([list(ids)]))
         out, done = {}, 0
         for k in sorted(set(depths)):
@@ -138,7 +138,7 @@ class Public:
         through the remaining layers with the cache (appended) -> logits [P, V]."""
         past, P = cache.length(start), hidden.shape[0]
         cos, sin = self.rope(range(past, past + P))
-        mask = masks.additive(masks.full_mask(past, masks.block_mask(masks.chain(P))), DTYPE)
+        mask = masks.additive(masks.full_mask(past, masks.causal(P)), DTYPE)
         h = self.run(hidden[None], start, self.num_layers, cos, sin, mask, cache)
         return self.lm_head(self.norm(h))[0]
 
