@@ -12,6 +12,7 @@ import requests
 from websockets.sync.client import connect
 
 from splitinfer import protocol
+from splitinfer.config import Split
 from splitinfer.local import LocalSide
 from splitinfer.procs import cloud_process
 from splitinfer.remote import cloud_session, ws_url
@@ -43,13 +44,18 @@ def local(default_model):
     return LocalSide(default_model)
 
 
-def test_health_reports_only_cloud_layers(cloud):
+def _config(model_dir) -> dict:
+    return json.loads((model_dir / "config.json").read_text())
+
+
+def test_health_reports_only_cloud_layers(cloud, default_model):
+    middle = Split(_config(default_model)["num_hidden_layers"]).cloud_layers  # 2..L-3
     health = requests.get(f"{cloud}/health", timeout=5).json()
     assert health["status"] == "ok" and health["protocol_version"] == protocol.VERSION
-    assert health["layers"] == list(range(2, 28))
+    assert health["layers"] == list(middle)
     names = health["held"]["names"]
     assert names and all(n.startswith("model.layers.") for n in names)
-    assert {int(n.split(".")[2]) for n in names} == set(range(2, 28))
+    assert {int(n.split(".")[2]) for n in names} == set(middle)
     assert health["sessions_open"] == 0
 
 
@@ -79,7 +85,7 @@ def test_hostile_frames_get_typed_errors_and_the_server_keeps_serving(cloud, loc
     with cloud_session(ws_url(cloud), expected=local.identity) as span:
         before = local.generate(span, ids, 16).token_ids
     with connect(ws_url(cloud), proxy=None, compression=None, max_size=None) as ws:
-        nan = np.zeros((1, 1, 576), np.float16)
+        nan = np.zeros((1, 1, _config(local.model_dir)["hidden_size"]), np.float16)
         nan[0, 0, 3] = np.nan
         bad = [
             b"",

@@ -25,6 +25,7 @@ import torch
 from safetensors import safe_open
 
 from splitinfer import protocol
+from splitinfer.config import Split
 from splitinfer.local import LocalSide
 from splitinfer.privacy import wiretap
 from splitinfer.privacy.victim import wire_states
@@ -206,12 +207,13 @@ def test_sent_states_are_the_experiments_states(recorded, local):
     assert np.array_equal(prefill, ours)
 
 
-def test_health_lists_only_middle_layers(recorded):
+def test_health_lists_only_middle_layers(recorded, default_model):
     names = recorded["health"]["held"]["names"]
     assert names and all(n.startswith("model.layers.") for n in names), names
     assert not any(k in n for n in names for k in ("embed", "lm_head", "model.norm"))
     layers = {int(n.split(".")[2]) for n in names}
-    assert layers == set(recorded["health"]["layers"]) == set(range(2, 28))
+    n_layers = json.loads((default_model / "config.json").read_text())["num_hidden_layers"]
+    assert layers == set(recorded["health"]["layers"]) == set(Split(n_layers).cloud_layers)
 
 
 def test_cloud_process_holds_no_tokenizer(recorded):
