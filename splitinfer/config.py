@@ -121,5 +121,4 @@ class Limits:
     max_step_tokens: int = 512  # new tokens in one forward (prefill chunks are split by the client)
     max_frame_bytes: int = 64 << 20  # checked from the length prefix before the payload is read
     max_sessions_per_connection: int = 4  # so one connection cannot take every session slot
-    max_header_bytes: int = 1 << 20
     idle_seconds: float = SESSION_IDLE_SECONDS
