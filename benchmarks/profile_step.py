@@ -50,7 +50,7 @@ def random_copy(model_dir: Path, out: Path) -> Path:
 
 
 def split_model(model_dir: Path, device: str, dtype: torch.dtype, kernels: str) -> SplitModel:
-    split = Split(load_config(model_dir).num_hidden_layers, 1, -2)
+    split = Split(load_config(model_dir).num_hidden_layers)
     head, tail, config, _ = load_local(model_dir, split, device, dtype)
     span, span_config, _ = load_cloud(model_dir, split, device, dtype)
     use_kernels([head, tail], config, kernels, device, dtype)

@@ -37,7 +37,8 @@ def model_problem(model: Path | None) -> str | None:
     return None
 
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
+def add_model_args(parser: argparse.ArgumentParser, kernels: bool = True) -> None:
+    """--model, --device, --dtype, --threads and (unless `kernels` is False: a command that picks its own) --kernels."""
     g = parser.add_argument_group("model and hardware")
     g.add_argument(
         "--model",
@@ -60,6 +61,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="torch CPU threads for this process (default: torch's own choice); set it when the cloud and "
         "local processes share one machine, and record it with any benchmark figure",
     )
+    if not kernels:
+        return
     g.add_argument(
         "--kernels",
         choices=KERNELS,
@@ -138,6 +141,30 @@ def seconds(text: str) -> float:
     return value
 
 
+def _plus_one(text: str) -> int:
+    return int(text) + 1
+
+
+def _minus_one(text: str) -> int:
+    return int(text) - 1
+
+
+def add_split_args(group) -> None:
+    """The split in the one vocabulary both processes use: the cloud's layer range, inclusive.  The spec's
+    local spelling (--split-after/--resume-at) is kept as aliases that land in the same place."""
+    group.add_argument("--cloud-start", type=int, default=None, metavar="N", help="first cloud layer (default 2)")
+    group.add_argument(
+        "--cloud-end", type=int, default=None, metavar="N", help="last cloud layer, inclusive; negative counts "
+        "from the end (default L-3: the last two layers stay local)"
+    )
+    group.add_argument(
+        "--split-after", type=_plus_one, dest="cloud_start", metavar="N", help="the spec's alias: --cloud-start N+1"
+    )
+    group.add_argument(
+        "--resume-at", type=_minus_one, dest="cloud_end", metavar="N", help="the spec's alias: --cloud-end N-1"
+    )
+
+
 def add_local_args(parser: argparse.ArgumentParser, default_mode: str = DEFAULT_MODE) -> None:
     """What every local-side entry takes: where the cloud is, the split, the decoding mode."""
     g = parser.add_argument_group("cloud and split")
@@ -147,8 +174,7 @@ def add_local_args(parser: argparse.ArgumentParser, default_mode: str = DEFAULT_
         help="the cloud server's HTTP address (health); the WebSocket is the same host, port + 1",
     )
     g.add_argument("--cloud-ws", default=None, help="the cloud's WebSocket address, if not --cloud's port + 1")
-    g.add_argument("--split-after", type=int, default=1, help="last local layer before the cloud")
-    g.add_argument("--resume-at", type=int, default=None, help="first local layer after the cloud (default L-2)")
+    add_split_args(g)
     g.add_argument(
         "--auth-token-file",
         type=Path,

@@ -60,54 +60,47 @@ SESSION_IDLE_SECONDS = 300.0
 
 @dataclass(frozen=True)
 class Split:
-    """Which decoder layers run where, for a model of `num_layers` layers.
-
-    Local head: layers 0..split_after; cloud: split_after+1..resume_at-1;
-    local tail: resume_at..num_layers-1.  Inclusive bounds, as in the spec's CLI.
+    """Which decoder layers run where, for a model of `num_layers` layers: the cloud runs layers
+    cloud_start..cloud_end (inclusive, both sides' one vocabulary); the trusted side runs the layers
+    before (the head) and after (the tail).  The spec's local flags say the same thing from the other
+    end: --split-after N is cloud_start N+1, --resume-at M is cloud_end M-1 (cli.add_split_args).
     """
 
     num_layers: int
-    split_after: int = 1  # last local layer before the wire: deeper = more private, more local compute
-    resume_at: int = -2  # first local layer after the wire; negative counts from the end
+    cloud_start: int = 2  # first cloud layer: deeper = more private, more local compute per token
+    cloud_end: int = -3  # last cloud layer; negative counts from the end (-3: the last two layers stay local)
 
     def __post_init__(self) -> None:
-        if self.resume_at < 0:
-            object.__setattr__(self, "resume_at", self.num_layers + self.resume_at)
-        if not 0 <= self.split_after < self.resume_at - 1:
+        if self.cloud_end < 0:
+            object.__setattr__(self, "cloud_end", self.num_layers + self.cloud_end)
+        # At least one trusted layer on each side: with none before, the cloud would see the embedding
+        # (a table lookup away from the tokens); with none after, its output would be the final state.
+        if not 1 <= self.cloud_start <= self.cloud_end <= self.num_layers - 2:
             raise ValueError(
-                f"split needs 0 <= split_after < resume_at - 1 (at least one cloud layer); got "
-                f"split_after={self.split_after}, resume_at={self.resume_at}"
+                f"cloud layers {self.cloud_start}..{self.cloud_end} must leave at least one local layer "
+                f"on each side of a {self.num_layers}-layer model (1 <= start <= end <= {self.num_layers - 2})"
             )
-        if self.resume_at > self.num_layers:
-            raise ValueError(f"resume_at={self.resume_at} is past the model's {self.num_layers} layers")
 
     @property
     def head_layers(self) -> range:
-        return range(0, self.split_after + 1)
+        return range(0, self.cloud_start)
 
     @property
     def cloud_layers(self) -> range:
-        return range(self.split_after + 1, self.resume_at)
+        return range(self.cloud_start, self.cloud_end + 1)
 
     @property
     def tail_layers(self) -> range:
-        return range(self.resume_at, self.num_layers)
+        return range(self.cloud_end + 1, self.num_layers)
 
     @property
     def local_layers(self) -> list[int]:
         return [*self.head_layers, *self.tail_layers]
 
     @classmethod
-    def from_cloud_range(cls, num_layers: int, cloud_start: int | None, cloud_end: int | None) -> "Split":
-        """The cloud's view: --cloud-start/--cloud-end (inclusive), defaults 2..L-3."""
-        start = 2 if cloud_start is None else cloud_start
-        end = num_layers - 3 if cloud_end is None else cloud_end
-        if not 1 <= start <= end < num_layers - 1:
-            raise ValueError(
-                f"cloud layers {start}..{end} must leave at least one local layer on each side "
-                f"of a {num_layers}-layer model"
-            )
-        return cls(num_layers, split_after=start - 1, resume_at=end + 1)
+    def of(cls, num_layers: int, cloud_start: int | None = None, cloud_end: int | None = None) -> "Split":
+        """None means the default (cloud 2..L-3)."""
+        return cls(num_layers, 2 if cloud_start is None else cloud_start, -3 if cloud_end is None else cloud_end)
 
 
 @dataclass(frozen=True)

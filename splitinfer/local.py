@@ -80,8 +80,8 @@ class LocalSide:
     def __init__(
         self,
         model: str | Path | None = None,
-        split_after: int = 1,
-        resume_at: int | None = None,
+        cloud_start: int | None = None,
+        cloud_end: int | None = None,
         device: str | None = None,
         dtype: str | None = None,
         kernels: str = "auto",
@@ -91,7 +91,7 @@ class LocalSide:
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         num_layers = load_config(self.model_dir).num_hidden_layers
-        self.split = Split(num_layers, split_after, -2 if resume_at is None else resume_at)
+        self.split = Split.of(num_layers, cloud_start, cloud_end)
         self.head, self.tail, self.config, held = load_local(self.model_dir, self.split, self.device, self.dtype)
         self.held = describe(held)
         # What the cloud must compute for this split: every cloud session is checked against it (remote/).

@@ -1,8 +1,8 @@
 """The three pieces of the split model, each a plain forward over hidden states.
 
-    LocalHead : token ids -> embedding -> layers 0..split_after          (trusted)
-    CloudSpan : hidden -> layers split_after+1 .. resume_at-1            (untrusted)
-    LocalTail : hidden -> layers resume_at..L-1 -> final norm -> LM head (trusted)
+    LocalHead : token ids -> embedding -> layers 0..cloud_start-1        (trusted)
+    CloudSpan : hidden -> layers cloud_start..cloud_end                  (untrusted)
+    LocalTail : hidden -> layers cloud_end+1..L-1 -> final norm -> LM head (trusted)
 
 Every forward takes explicit rotary tensors, an explicit additive mask against
 the whole cache and the cache itself, so the same code serves prefill, one

@@ -65,9 +65,9 @@ def cloud_identity(model_dir: Path, cloud_layers: range | None = None) -> Identi
     return of_model(model_dir, config, layers)
 
 
-def split_model(model_dir: Path, split_after: int = 1, resume_at: int = -2, dtype=torch.float32) -> SplitModel:
+def split_model(model_dir: Path, cloud_start: int = 2, cloud_end: int = -3, dtype=torch.float32) -> SplitModel:
     """A SplitModel with the cloud's layers in-process (float16 wire rounding included)."""
-    split = Split(load_config(model_dir).num_hidden_layers, split_after, resume_at)
+    split = Split(load_config(model_dir).num_hidden_layers, cloud_start, cloud_end)
     head, tail, _, _ = load_local(model_dir, split, "cpu", dtype)
     span, _, _ = load_cloud(model_dir, split, "cpu", dtype)
     return SplitModel(head, tail, InProcessSpan(span, dtype), dtype)

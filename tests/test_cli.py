@@ -195,3 +195,18 @@ def test_ctrl_c_stops_an_answer_and_keeps_the_chat_then_leaves_at_the_prompt(def
         finally:
             proc.kill()
         assert "Traceback" not in err.text and "KeyboardInterrupt" not in err.text, err.text
+
+
+def test_one_split_vocabulary_on_both_sides():
+    """Local and cloud parse the cloud's layer range the same way; the spec's local spelling lands there too."""
+    from splitinfer.commands import chat, cloud
+
+    for parser in (chat.build_parser(), cloud.build_parser()):
+        args = parser.parse_args(["--cloud-start", "4", "--cloud-end", "-5"])
+        assert (args.cloud_start, args.cloud_end) == (4, -5)
+        assert (parser.parse_args([]).cloud_start, parser.parse_args([]).cloud_end) == (None, None)
+    spec = chat.build_parser().parse_args(["--split-after", "3", "--resume-at", "-4"])
+    assert (spec.cloud_start, spec.cloud_end) == (4, -5)
+    assert config.Split.of(30, spec.cloud_start, spec.cloud_end) == config.Split(30, 4, 25)
+    with pytest.raises(ValueError, match="at least one local layer"):
+        config.Split(30, 2, 29)  # no local layer after the cloud

@@ -118,7 +118,7 @@ def test_the_digest_reads_samples_not_tensors(default_model):
 def test_the_identity_is_the_split_of_the_local_side(default_model):
     """What LocalSide-like code expects for a non-default split is that split's cloud layers."""
     config = load_config(default_model)
-    split = Split(config.num_hidden_layers, split_after=3, resume_at=-4)
+    split = Split(config.num_hidden_layers, cloud_start=4, cloud_end=-5)
     ident = of_model(default_model, config, split.cloud_layers)
     layers = config.num_hidden_layers
     assert (ident.first_layer, ident.last_layer, ident.num_layers) == (4, layers - 5, layers)

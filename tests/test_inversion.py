@@ -34,7 +34,7 @@ def test_wire_states_are_what_the_split_model_sends(tiny_llama):
     ids = random_ids(12, 96, 1)
     head, _, _ = load_victim(tiny_llama, 2)
     ours = wire_states(head, ids)
-    lm = split_model(tiny_llama, split_after=1)
+    lm = split_model(tiny_llama, cloud_start=2)
     sent = []
     inner = lm.span.forward
     lm.span.forward = lambda hidden, cos, sin, block: (sent.append(hidden[0].to(torch.float16).numpy()), inner(hidden, cos, sin, block))[1]
@@ -164,7 +164,7 @@ def test_output_reader_reads_generated_tokens(tiny_llama, public):
     prompt = random_ids(6, public.vocab_size, 8)
     gen = drain(sequential(SplitModel(head, tail, tap, DTYPE), prompt, 10, frozenset())).tokens
     returned = np.concatenate(tap.returned)
-    read = OutputReader(public, split.resume_at).read(returned)[len(prompt) - 1 : len(prompt) - 1 + len(gen)]
+    read = OutputReader(public, split.tail_layers.start).read(returned)[len(prompt) - 1 : len(prompt) - 1 + len(gen)]
     assert read == gen
 
 

@@ -20,11 +20,11 @@ def test_sequential_matches_hf_generate(tiny_model, prompt):
     assert got == want
 
 
-@pytest.mark.parametrize("split_after, resume_at", [(0, 5), (2, 4), (1, 3)])
-def test_any_split_point(tiny_llama, split_after, resume_at):
+@pytest.mark.parametrize("cloud_start, cloud_end", [(1, 4), (3, 3), (2, 2)])
+def test_any_split_point(tiny_llama, cloud_start, cloud_end):
     prompt = PROMPTS[0]
     want = hf_greedy(tiny_llama, prompt, 16)
-    lm = split_model(tiny_llama, split_after, resume_at)
+    lm = split_model(tiny_llama, cloud_start, cloud_end)
     assert decoding.run(sequential(lm, prompt, 16, frozenset())).tokens == want
 
 

@@ -355,7 +355,7 @@ def build(
     model_dir = resolve_model(model)
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
-    split = Split.from_cloud_range(load_config(model_dir).num_hidden_layers, cloud_start, cloud_end)
+    split = Split.of(load_config(model_dir).num_hidden_layers, cloud_start, cloud_end)
     span, config, held = load_cloud(model_dir, split, device, torch_dtype)
     packed = use_kernels([span], config, kernels, device, torch_dtype)
     summary = describe(held)

@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from ..remote import CloudError
 
     try:
-        local = LocalSide(args.model, args.split_after, args.resume_at, args.device, args.dtype, args.kernels)
+        local = LocalSide(args.model, args.cloud_start, args.cloud_end, args.device, args.dtype, args.kernels)
     except ModelError as exc:
         return fail(exc)
     try:

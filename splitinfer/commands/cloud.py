@@ -10,7 +10,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..cli import TOKEN_ENV, HelpFormatter, add_model_args, fail, model_problem, read_token, setup
+from ..cli import TOKEN_ENV, HelpFormatter, add_model_args, add_split_args, fail, model_problem, read_token, setup
 from ..config import HTTP_PORT, WS_PORT, Limits
 from ..webserver import HttpLimits
 
@@ -21,8 +21,7 @@ POSITIVE = ("max_sessions", "max_sessions_per_connection", "max_context", "max_s
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p)
-    p.add_argument("--cloud-start", type=int, default=None, help="first cloud layer (default 2)")
-    p.add_argument("--cloud-end", type=int, default=None, help="last cloud layer, inclusive (default L-3)")
+    add_split_args(p.add_argument_group("the layers this cloud serves (the local side must say the same)"))
     p.add_argument(
         "--host",
         default="127.0.0.1",

@@ -337,8 +337,8 @@ class OutputReader:
 
     name = "output"
 
-    def __init__(self, public: Public, resume_at: int):
-        self.public, self.resume_at = public, resume_at
+    def __init__(self, public: Public, tail_start: int):
+        self.public, self.tail_start = public, tail_start
 
     @torch.inference_mode()
     def read(self, returned: np.ndarray) -> list[int]:
@@ -347,5 +347,5 @@ class OutputReader:
         cos, sin = pub.rope(range(T))
         mask = masks.additive(masks.full_mask(0, masks.causal(T)), DTYPE)
         h = torch.from_numpy(returned.astype(np.float32))[None]
-        h = pub.run(h, self.resume_at, pub.num_layers, cos, sin, mask, None)
+        h = pub.run(h, self.tail_start, pub.num_layers, cos, sin, mask, None)
         return pub.lm_head(pub.norm(h))[0].argmax(-1).tolist()

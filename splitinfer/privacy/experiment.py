@@ -393,7 +393,7 @@ def generations_and_quality(sweep: Sweep, finetuned: dict[int, Any]) -> list[dic
     with sweep.timed("generations_and_quality"):
         eos = _eos(sweep.model_dir, sweep.tokenizer)
         head0, tail0, split, cloud = load_victim(sweep.model_dir, d, with_cloud=True)
-        g = _Generating(OutputReader(sweep.pub, split.resume_at), head0, tail0, cloud, eos)
+        g = _Generating(OutputReader(sweep.pub, split.tail_layers.start), head0, tail0, cloud, eos)
         for label, sigma, eps in _defence_configs(s):
             head, tail = _defended_parts(s, g, finetuned, label, eps)
             agree, identical = _output_direction(sweep, g, head, tail, label, sigma)

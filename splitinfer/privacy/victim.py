@@ -26,7 +26,7 @@ from .public import DTYPE
 
 def victim_split(num_layers: int, depth: int) -> Split:
     """k local layers before the wire; the last two layers local as in the default (or fewer for tiny models)."""
-    return Split(num_layers, split_after=depth - 1, resume_at=max(num_layers - 2, depth + 1))
+    return Split(num_layers, cloud_start=depth, cloud_end=max(num_layers - 3, depth))
 
 
 def load_victim(model_dir: Path, depth: int, with_cloud: bool = False):
