@@ -49,6 +49,7 @@ experiments: $(STAMP)
 	$(PY) benchmarks/step_cost.py $(SIDES) --repeats 8
 	$(PY) inversion_experiment.py --threads 1
 	$(PY) benchmarks/memory.py --cloud-threads $(THREADS)
+	$(PY) benchmarks/load.py
 	$(PY) -m splitinfer report README.md paper.md docs/privacy.md docs/security.md
 
 # On a machine with a GPU (both sides on it, float16), beside the CPU figures above.  No install

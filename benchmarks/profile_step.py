@@ -23,11 +23,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from splitinfer.cli import HelpFormatter, add_model_args, setup
 from splitinfer.config import Split
 from splitinfer.engine import SplitModel
-from splitinfer.testing import InProcessSpan
 from splitinfer.experiments.record import provenance, write_json
 from splitinfer.kernels import use_kernels
 from splitinfer.models import default_device, dtype_name, load_config, resolve_dtype, resolve_model
 from splitinfer.parts import load_cloud, load_local
+from splitinfer.remote import InProcessSpan
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -30,7 +30,7 @@ WARM_UP_S = 2.0  # of one-token steps before anything is timed
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
-    add_model_args(p)
+    add_model_args(p, kernels=False)  # --compare names the kernels
     p.add_argument("--sizes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     p.add_argument("--context", type=int, default=256, help="tokens already in the cache")
     p.add_argument("--repeats", type=int, default=15)
@@ -41,7 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         default=["torch", "auto"],
         help="kernels to measure, each with its own cloud process: torch (transformers' sdpa and nn.Linear, "
-        "'before') and auto (splitinfer/kernels.py, 'after'); --kernels is ignored",
+        "'before') and auto (splitinfer/kernels.py, 'after')",
     )
     p.add_argument("--out", type=Path, default=experiment_out("step_cost.json"), help=OUT_HELP)
     return p.parse_args(argv)
@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def measure(args: argparse.Namespace, kernels: str) -> tuple[list[dict], LocalSide]:
     """Median step cost per block size K, with both sides using `kernels`."""
     rows = []
-    with testbed_for(args, kernels=kernels) as bed:
+    with testbed_for(argparse.Namespace(**vars(args), kernels=kernels)) as bed:
         with cloud_session(bed.url, expected=bed.local.identity) as span:
             lm = bed.local.model(span)
             lm.prefill([(7 * i) % 1000 + 100 for i in range(args.context)])
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for kernels in args.compare:
         results[kernels], local = measure(args, kernels)
-    run = settings(args, local, drop=("out", "model", "kernels"))
+    run = settings(args, local)
     write_json(args.out, {**provenance(run, local.model_dir), "kernels": results})
     print(f"wrote {args.out}")
     return 0

@@ -28,6 +28,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 SUPPORTED = ">=5.0,<6"  # the transformers releases this adapter is written for (as pyproject.toml pins)
 
+# The attribute names of a Llama-family decoder layer's linear maps (attention and MLP).
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 
 # -- version ---------------------------------------------------------------------------
 
@@ -79,6 +82,27 @@ def rotary(meta_rotary: nn.Module, config: PretrainedConfig, device: str | torch
     return type(meta_rotary)(config=config).to(device)
 
 
+def layer_classes(config: PretrainedConfig) -> tuple[type, type]:
+    """(decoder layer class, rotary class) of `config`'s model type, read off a meta-device skeleton.
+
+    Relies on AutoModelForCausalLM mapping the config to a causal LM with the decoder_parts layout, on the
+    layer class taking `(config, layer_idx)` and the rotary class `(config=...)`, as the Llama family does.
+    """
+    with torch.device("meta"):
+        parts = decoder_parts(transformers.AutoModelForCausalLM.from_config(config))
+    return type(parts.layers[0]), type(parts.rotary)
+
+
+def decoder_layer(config: PretrainedConfig) -> nn.Module:
+    """A fresh, randomly initialised decoder layer of the config's family, at cache index 0 (a draft head's)."""
+    return layer_classes(config)[0](config, layer_idx=0)
+
+
+def rotary_for(config: PretrainedConfig) -> nn.Module:
+    """The rotary embedding of the config's family, with its tables (on the CPU)."""
+    return layer_classes(config)[1](config=config)
+
+
 def rope(rotary: nn.Module, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [1, q, head_dim] for positions [1, q]: the rotary module's `forward(x, position_ids)`,
     which reads only `x`'s dtype and device (an empty probe stands in for the hidden states)."""
@@ -96,15 +120,20 @@ def _cache_keyword(layer_class: type) -> str:
 def call_layer(
     layer: nn.Module,
     hidden: torch.Tensor,  # [1, q, hidden_size]
-    mask: torch.Tensor,  # [1, 1, q, past + q] additive, against the whole cache
+    mask: torch.Tensor | None,  # [1, 1, q, past + q] additive, against the whole cache
     cos: torch.Tensor,  # [1, q, head_dim]
     sin: torch.Tensor,  # [1, q, head_dim]
-    cache: DynamicCache,
+    cache: DynamicCache | None,
 ) -> torch.Tensor:  # [1, q, hidden_size]
     """One decoder layer over a block, appending the block's keys and values to `cache` (at the layer's index).
 
     Relies on the layer taking an explicit 4-d additive mask, precomputed `position_embeddings=(cos, sin)` and
     the cache by keyword, and returning the hidden states (some classes drop the batch of a single row).
+    The batch may hold more than one row (the privacy attacker's candidates, one token each, with mask None:
+    a single query attends to every key; for q > 1 a None mask is left to the attention implementation).
+    `cache` may be None (no cache: the block attends to itself only) or a duck-typed cache: the layer's
+    attention calls `cache.update(key, value, layer_idx, ...)` once with the block's keys and values
+    [batch, kv_heads, q, head_dim] and attends to the (keys, values) it returns (privacy/public.py's PrefixKV).
     """
     kwargs = {_cache_keyword(type(layer)): cache}
     out = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), use_cache=True, **kwargs)

@@ -1,23 +1,22 @@
-"""Stand-ins for tests and in-process baselines: a fake language model and the cloud's span in this process.
+"""Stand-ins for tests: a fake language model, and the cloud's span in this process re-exported.
 
 `FakeLM` speaks the decoding strategies' model interface (`forward`, `commit`,
-`prefill`, `take_timings`) without weights or a network.  `InProcessSpan` is the
-cloud's layers called directly, with the wire's float16 rounding, so a
-`SplitModel` over it computes what the real split computes.
+`prefill`, `take_timings`) without weights or a network.  `InProcessSpan` (the
+cloud's layers called directly, with the wire's float16 rounding) lives in
+`splitinfer/remote/inprocess.py`; production code imports it from there, never from here.
 """
 
 from __future__ import annotations
 
-import time
 import zlib
 from collections.abc import Callable, Sequence
 
 import torch
 
-from . import hf, masks
+from . import masks
 from .engine import StepTiming
-from .parts import CloudSpan
-from .remote import WireTiming, to_wire
+from .remote import WireTiming
+from .remote.inprocess import InProcessSpan  # re-exported for tests
 
 Rule = Callable[[list[int]], int]  # context -> the greedy next token
 
@@ -114,36 +113,3 @@ class FakeLM:
         for _ in range(n):
             context.append(self.rule(context))
         return context[len(prompt) :]
-
-
-class InProcessSpan:
-    """The cloud's layers in this process, with the same float16 rounding as the wire; for tests and baselines."""
-
-    def __init__(self, span: CloudSpan, dtype: torch.dtype, max_step_tokens: int = 512):
-        self.span, self.dtype, self.max_step_tokens = span, dtype, max_step_tokens
-        self.cache = hf.new_cache()
-
-    def crop(self, length: int) -> None:
-        hf.crop(self.cache, length)
-
-    def relocate(self, start: int, indices: list[int]) -> None:
-        hf.relocate(self.cache, start, indices)
-
-    def forward(
-        self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, block: torch.Tensor | None
-    ) -> tuple[torch.Tensor, WireTiming]:
-        """hidden [1, q, H], cos/sin [1, q, D], block [q, q] bool or None (a chain) -> (hidden [1, q, H], timing)."""
-        q, past = hidden.shape[1], hf.cache_length(self.cache)
-        block = masks.causal(q) if block is None else block
-        mask = masks.additive(masks.full_mask(past, block), self.dtype).to(hidden.device)
-
-        def wire(t: torch.Tensor) -> torch.Tensor:  # what a float16 round trip does to a tensor
-            return torch.from_numpy(to_wire(t)).to(hidden.device, self.dtype)
-
-        t0 = time.perf_counter()
-        out = self.span(wire(hidden), wire(cos), wire(sin), mask, self.cache)
-        ms = (time.perf_counter() - t0) * 1000.0
-        return wire(out).to(hidden.dtype), WireTiming(0.0, ms, ms, 0, 0)
-
-    def close(self) -> None:
-        self.cache = hf.new_cache()

@@ -266,10 +266,11 @@ def test_idle_connections_cannot_starve_authenticated_ones(cloud):
         held = fd_count(pid)
         assert wait_until(lambda: still_open(http_socks) == 0, 10) is not None, still_open(http_socks)
         http_closed = time.monotonic() - http_opened
-        assert http_closed <= HTTP_IDLE_S + health_limits(1, HTTP_IDLE_S).cleanup_interval + 2
+        # Within the idle timeout + cleanup interval (+ the loop's 1 s wake-up): twice the two leaves room for that.
+        assert http_closed <= 2 * (HTTP_IDLE_S + health_limits(1, HTTP_IDLE_S).cleanup_interval)
         assert wait_until(lambda: still_open(ws_socks) == 0, HANDSHAKE_TIMEOUT_S + 4) is not None, still_open(ws_socks)
         ws_closed = time.monotonic() - ws_opened
-        assert ws_closed <= HANDSHAKE_TIMEOUT_S + 2
+        assert ws_closed <= 1.2 * HANDSHAKE_TIMEOUT_S  # the handshake timeout, 20% over for polling and load
         print(f"\nfds: {base} at rest, {held_http} holding {IDLE_HTTP} idle HTTP connections, {held} with "
               f"{idle_ws} idle WebSocket ones too (bound {bound}); "
               f"all idle HTTP closed {http_closed:.1f} s after they were opened, all idle WebSocket {ws_closed:.1f} s")
@@ -406,7 +407,8 @@ def test_at_the_http_cap_the_longest_idle_connection_makes_room():
 
 
 def test_a_request_dribbled_a_byte_at_a_time_is_closed():
-    with http_server(HttpLimits(idle_timeout=1, cleanup_interval=1)) as port:
+    limits = HttpLimits(idle_timeout=1, cleanup_interval=1)
+    with http_server(limits) as port:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
             start = time.monotonic()
             closed = False
@@ -420,4 +422,6 @@ def test_a_request_dribbled_a_byte_at_a_time_is_closed():
                     closed = True
                     break
                 time.sleep(0.25)  # busy enough never to look idle for a second
-            assert closed and time.monotonic() - start < 5
+            # Closed within idle_timeout + cleanup_interval (+ the loop's 1 s wake-up): 2.5x the two leaves room
+            # for that and a loaded machine; sending the whole request at this pace would take about 30 s.
+            assert closed and time.monotonic() - start < 2.5 * (limits.idle_timeout + limits.cleanup_interval)

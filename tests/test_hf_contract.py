@@ -84,6 +84,56 @@ def test_call_layer_returns_the_block_and_grows_the_cache(model):
         assert hf.cache_length(cache) == past + q
 
 
+class RecordingCache:
+    """A duck-typed cache like privacy/public.py's PrefixKV: only `update`, which returns a fixed prefix
+    (broadcast over the batch) followed by the block's own keys and values, and records every call."""
+
+    def __init__(self, prefix: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.prefix, self.calls = prefix, []
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        self.calls.append((layer_idx, tuple(key.shape), tuple(value.shape)))
+        if self.prefix is not None:
+            pk, pv = (t.expand(key.shape[0], -1, -1, -1) for t in self.prefix)
+            key, value = torch.cat([pk, key], dim=2), torch.cat([pv, value], dim=2)
+        return key, value
+
+
+def test_call_layer_with_a_duck_typed_cache_calls_update_and_attends_to_what_it_returns(model):
+    """What PrefixKV relies on: the attention calls `cache.update(key, value, layer_idx, ...)` once per layer
+    with the block's keys and values [batch, kv_heads, q, head_dim], and attends to the pair it returns."""
+    parts, config = hf.decoder_parts(model), model.config
+    layer = parts.layers[1]
+    torch.manual_seed(0)
+    prompt = torch.randn(1, 4, config.hidden_size)
+    candidates = torch.randn(3, 1, config.hidden_size)  # three candidates for position 4, one row each
+
+    def prefilled() -> hf.Cache:  # the prompt through a real DynamicCache
+        cache = hf.new_cache()
+        positions, mask = chain_inputs(0, 4)
+        hf.call_layer(layer, prompt, mask, *hf.rope(parts.rotary, positions, torch.float32), cache)
+        return cache
+
+    with torch.inference_mode():
+        reference = prefilled()
+        prefix = (reference.layers[1].keys, reference.layers[1].values)  # [1, kv_heads, 4, head_dim]
+        recording = RecordingCache(prefix)
+        positions, mask = chain_inputs(4, 1)
+        cos, sin = hf.rope(parts.rotary, positions, torch.float32)
+        out = hf.call_layer(layer, candidates, None, cos, sin, recording)
+        block = (3, config.num_key_value_heads, 1, config.head_dim)
+        assert recording.calls == [(1, block, block)]
+        assert out.shape == (3, 1, config.hidden_size)
+
+        for row in range(3):  # each candidate as a real cached step after the prompt
+            expected = hf.call_layer(layer, candidates[row : row + 1], mask, cos, sin, prefilled())
+            torch.testing.assert_close(out[row : row + 1], expected, rtol=1e-5, atol=1e-5)
+
+        alone = RecordingCache()  # no prefix: the update's return is all there is to attend to
+        hf.call_layer(parts.layers[0], candidates, None, cos, sin, alone)
+        assert [c[0] for c in alone.calls] == [0]
+
+
 def test_layer_by_layer_equals_the_full_model(model):
     """Explicit masks, rotary tables and the cache give the model's own logits, prefill and a cached step."""
     ids = [3, 17, 4, 9, 60, 2]
@@ -253,3 +303,14 @@ def test_onednn_linear_equals_f_linear(rows, bias):
         out = hf.onednn_linear(x, hf.onednn_pack(weight, 16), b)
     assert out.shape == (1, rows, 80)
     torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_names_are_every_linear_map_of_a_llama_layer():
+    """defences.perturb_layers and lora_finetune pick the layers' linear maps by these names."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2)
+    layer = LlamaForCausalLM(config).model.layers[0]
+    names = {name.rsplit(".", 1)[-1] for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert names == set(hf.LINEAR_NAMES)

@@ -327,13 +327,15 @@ def test_a_cloud_that_stays_down_fails_within_the_reconnect_timeout(tiny_llama, 
             cloud.kill()
             killed.append(time.monotonic())
 
+    reconnect_timeout = 2.0
     try:
-        with cloud_session(cloud.ws, expected=tiny_side.identity, reconnect_timeout=2.0) as span:
+        with cloud_session(cloud.ws, expected=tiny_side.identity, reconnect_timeout=reconnect_timeout) as span:
             with pytest.raises(CloudError) as e:
                 tiny_side.generate(span, TINY_PROMPT, 100, on_tokens=kill)
         elapsed = time.monotonic() - killed[0]
         assert e.value.code == "unreachable" and "gave up" in str(e.value)
-        assert 2.0 <= elapsed < 6.0, elapsed
+        # Not before the timeout; after it, only the loss's detection (attempts are cut to the time left): < 3x.
+        assert reconnect_timeout <= elapsed < 3 * reconnect_timeout, elapsed
         with pytest.raises(CloudError) as e:  # and a new session fails at once
             with cloud_session(cloud.ws, expected=tiny_side.identity):
                 pass

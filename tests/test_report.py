@@ -227,3 +227,17 @@ def test_the_engine_imports_no_torch():
     code = "import sys; from splitinfer.experiments import report; report.registered(); print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_a_stale_file_can_be_kept_only_with_a_reason_and_only_while_stale(repo):
+    awaiting = repo / "experiment_data" / "awaiting_rerun.json"
+    awaiting.write_text(json.dumps([{"file": "x.json", "reason": "no GPU lent"}]))
+    assert report.outdated(repo, PRODUCERS)[0] == ["experiment_data/awaiting_rerun.json: x is current; remove its entry"]
+    change = commit_change(repo, "code.py", "x = 2\n", "faster x")
+    problems, notes = report.outdated(repo, PRODUCERS)
+    assert problems == [] and len(notes) == 1 and change[:12] in notes[0] and "kept: no GPU lent" in notes[0]
+    awaiting.write_text(json.dumps([{"file": "x.json", "reason": " "}]))
+    problems, _ = report.outdated(repo, PRODUCERS)
+    assert any("must say why" in p for p in problems) and any("faster x" in p for p in problems)
+    awaiting.write_text(json.dumps([{"file": "x.json", "reason": "r"}, {"file": "gone", "reason": "r"}]))
+    assert report.outdated(repo, PRODUCERS)[0] == ["experiment_data/awaiting_rerun.json: gone.json does not exist"]

@@ -11,7 +11,10 @@ its aggregation (see registry.py); MODULES lists the modules that register.
 
 `check` also fails when a result file is older than its code: a commit after the recorded one that touches
 the experiment's code (unless experiment_data/neutral_changes.json declares it harmless, naming the test that
-shows the outputs unchanged), or a stored summary that its own raw records no longer give.
+shows the outputs unchanged), or a stored summary that its own raw records no longer give.  A stale file that
+cannot be rerun here (the GPU results, when no GPU is lent) can be kept only by an entry in
+experiment_data/awaiting_rerun.json that says why; the documents then show it in the block
+`table:awaiting-rerun`, so a reader sees which figures predate which code.
 """
 
 from __future__ import annotations
@@ -25,12 +28,13 @@ from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 
-from .registry import CHECKS, DATA, PRODUCERS, ROOT, TABLES, VALUES, Producer, short
+from .registry import CHECKS, DATA, PRODUCERS, ROOT, TABLES, VALUES, Producer, markdown_table, short, table
 
 # The documents `make report` renders, relative to the checkout.
 DOCUMENTS = ("README.md", "paper.md", "docs/privacy.md", "docs/security.md")
 MODULES = ("ablation_summary", "costs", "identity_summary", "inversion", "overview", "rtt", "side_by_side")
 NEUTRAL = "neutral_changes.json"
+AWAITING = "awaiting_rerun.json"
 
 BLOCK = re.compile(r"(<!--BEGIN (?P<name>[\w:.\-]+)-->)(?P<body>.*?)(<!--END (?P=name)-->)", re.S)
 VALUE = re.compile(r"(<!--v:(?P<name>[\w.\-:/]+)-->)(?P<body>.*?)(<!--/v-->)", re.S)
@@ -82,7 +86,7 @@ def render(path: Path) -> None:
 
 
 def result_files(data: Path) -> list[Path]:
-    return [p for p in sorted(data.glob("*.json")) + sorted(data.glob("gpu/*.json")) if p.name != NEUTRAL]
+    return [p for p in sorted(data.glob("*.json")) + sorted(data.glob("gpu/*.json")) if p.name not in (NEUTRAL, AWAITING)]
 
 
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess:
@@ -104,6 +108,37 @@ def neutral_changes(data: Path) -> tuple[dict[str, set[str]], list[str]]:
     return declared, problems
 
 
+def awaiting_rerun(data: Path) -> tuple[dict[str, str], list[str]]:
+    """Stale result files kept on purpose: {name under experiment_data/ without ".json": why}, and the
+    problems of entries that give no reason."""
+    path = data / AWAITING
+    if not path.exists():
+        return {}, []
+    kept, problems = {}, []
+    for entry in json.loads(path.read_text()):
+        if not entry.get("reason", "").strip():
+            problems.append(f"{path.relative_to(data.parent)}: the entry for {entry.get('file')} must say why it "
+                            "cannot be rerun")
+            continue
+        kept[entry["file"].removesuffix(".json")] = entry["reason"].strip()
+    return kept, problems
+
+
+@table("awaiting-rerun")
+def awaiting_table() -> str:
+    """The result files kept although their code changed since they were recorded, and why."""
+    kept, _ = awaiting_rerun(DATA)
+    if not kept:
+        return "Every result file quoted here was recorded with the code as it is now."
+    rows = []
+    for name, reason in sorted(kept.items()):
+        d = json.loads((DATA / f"{name}.json").read_text())
+        rows.append([f"`experiment_data/{name}.json`", short(d.get("commit", "unknown")), d.get("date", "?")[:10], reason])
+    return ("These result files were recorded before later changes to the code that produced them and are "
+            "kept until they can be rerun (`python -m splitinfer report --check` lists the commits):\n\n"
+            + markdown_table(["file", "recorded at", "on", "why not rerun yet"], rows))
+
+
 def _is_neutral(commit: str, experiment: str, declared: dict[str, set[str]]) -> bool:
     return any(commit.startswith(c) and experiment in exps for c, exps in declared.items() if len(c) >= 7)
 
@@ -118,6 +153,8 @@ def outdated(root: Path = ROOT, producers: Sequence[Producer] | None = None) -> 
     if _git(root, "rev-parse", "--is-inside-work-tree").returncode != 0:
         return [], [f"cannot tell whether {data.name}/ is older than its code: {root} is not a git checkout"]
     declared, problems = neutral_changes(data)
+    kept, kept_problems = awaiting_rerun(data)
+    problems += kept_problems
     by_output = {out: p for p in producers for out in p.outputs}
     notes = []
     for path in result_files(data):
@@ -135,10 +172,17 @@ def outdated(root: Path = ROOT, producers: Sequence[Producer] | None = None) -> 
         if log.returncode != 0:
             notes.append(f"cannot tell whether {rel} is older than its code: commit {short(recorded)} is not in this clone")
             continue
-        for line in log.stdout.splitlines():
-            commit, _, subject = line.partition(" ")
-            if not _is_neutral(commit, producer.experiment, declared):
-                problems.append(f"{rel}: recorded at {short(recorded)}, code changed since in {short(commit)} {subject}")
+        changes = [f"{rel}: recorded at {short(recorded)}, code changed since in {short(commit)} {subject}"
+                   for commit, _, subject in (line.partition(" ") for line in log.stdout.splitlines())
+                   if not _is_neutral(commit, producer.experiment, declared)]
+        if name in kept:
+            notes += [f"{c} (kept: {kept[name]})" for c in changes]
+            if not changes:
+                problems.append(f"{data.name}/{AWAITING}: {name} is current; remove its entry")
+        else:
+            problems += changes
+    problems += [f"{data.name}/{AWAITING}: {name}.json does not exist" for name in kept
+                 if not (data / f"{name}.json").exists()]
     return problems, notes
 
 

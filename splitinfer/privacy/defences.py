@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .. import masks
+from ..hf import LINEAR_NAMES
 from ..parts import LocalHead
 from .public import DTYPE
 
@@ -30,9 +31,6 @@ def add_noise(hidden: torch.Tensor, sigma: float, generator: torch.Generator | N
 
 
 # ---------------------------------------------------------------------------- perturbed local layers
-
-
-LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ from ..decoding import run as drain
 from ..decoding.sequential import sequential
 from ..engine import SplitModel
 from ..models import load_config
-from ..testing import InProcessSpan
+from ..remote import InProcessSpan
 from . import texts as T
 from .attackers import MLPClassifier, MLPRegressor, OutputReader, RidgeNN, TableNN, WhiteBox, WhiteBoxConfig
 from .defences import lora_finetune, perturb_layers

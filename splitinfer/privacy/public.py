@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from .. import masks
+from .. import hf, masks
 from ..remote import to_wire
 
 DTYPE = torch.float32  # both sides compute in float32 on the CPU (the project's CPU default)
@@ -28,6 +28,11 @@ DTYPE = torch.float32  # both sides compute in float32 on the CPU (the project's
 
 class PrefixKV:
     """A duck-typed transformers cache: `update(k, v, layer_idx)` returns prefix + new keys/values.
+
+    It is not a transformers `Cache`: it relies on the decoder layer's attention calling
+    `cache.update(key, value, layer_idx, ...)` once per layer with the block's keys and values
+    [batch, kv_heads, q, head_dim] and attending to what it returns (see `hf.call_layer`; checked by
+    tests/test_hf_contract.py), and on nothing else of the cache being touched.
 
     With `append=True` the new entries are kept (the recovered prefix grows).
     `fork()` gives a read-only view whose prefix is broadcast over a batch of
@@ -83,23 +88,23 @@ class Public:
 
     def __init__(self, model_dir: Path):
         self.model_dir = Path(model_dir)
+        hf.check_version()
         model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=DTYPE, attn_implementation="sdpa")
         self.model = model.eval().requires_grad_(False)
-        dec = model.model
-        self.embed, self.layers, self.rotary, self.norm = dec.embed_tokens, dec.layers, dec.rotary_emb, dec.norm
-        self.lm_head = model.lm_head
+        parts = hf.decoder_parts(model)
+        self.embed, self.layers, self.rotary, self.norm = parts.embed, parts.layers, parts.rotary, parts.norm
+        self.lm_head = parts.lm_head
         self.vocab_size, self.hidden_size = self.embed.weight.shape
         self.num_layers = len(self.layers)
 
     def rope(self, positions: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        probe = torch.empty(0, dtype=DTYPE)
-        return self.rotary(probe, torch.tensor([list(positions)], dtype=torch.long))
+        """cos, sin [1, q, head_dim] for the given positions, in DTYPE."""
+        return hf.rope(self.rotary, torch.tensor([list(positions)], dtype=torch.long), DTYPE)
 
-    def run(self, hidden, start: int, stop: int, cos, sin, mask, cache) -> torch.Tensor:
+    def run(self, hidden, start: int, stop: int, cos, sin, mask, cache: PrefixKV | None) -> torch.Tensor:
+        """Layers [start, stop) over hidden [B, q, H] (mask None only for q = 1; cache None: no cache)."""
         for layer in self.layers[start:stop]:
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), cache=cache, use_cache=True)
-            if hidden.dim() == 2:
-                hidden = hidden.unsqueeze(0)
+            hidden = hf.call_layer(layer, hidden, mask, cos, sin, cache)
         return hidden
 
     @torch.inference_mode()

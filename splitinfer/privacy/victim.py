@@ -16,10 +16,9 @@ import torch
 
 from .. import hf, masks
 from ..config import Split
-from ..testing import InProcessSpan
 from ..models import load_config
 from ..parts import LocalHead, load_cloud, load_local
-from ..remote import WireTiming, to_wire
+from ..remote import InProcessSpan, WireTiming, to_wire
 from .defences import add_noise
 from .public import DTYPE
 

@@ -1,4 +1,5 @@
-"""The local side's view of the cloud: the wire (transport.py) and a session that survives losses (recovery.py).
+"""The local side's view of the cloud: the wire (transport.py), a session that survives losses (recovery.py),
+and the cloud's span run in this process instead (inprocess.py).
 
 Nothing here knows about tokens.  The names other modules use are re-exported here.
 """
@@ -13,6 +14,7 @@ __all__ = [
     "SESSION_LOST",
     "CloudConnection",
     "CloudError",
+    "InProcessSpan",
     "RemoteSpan",
     "WireTiming",
     "check_identity",
@@ -20,3 +22,12 @@ __all__ = [
     "to_wire",
     "ws_url",
 ]
+
+
+def __getattr__(name: str):
+    """`InProcessSpan` on first use: it needs transformers (through hf.py), which the wire alone does not."""
+    if name == "InProcessSpan":
+        from .inprocess import InProcessSpan
+
+        return InProcessSpan
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

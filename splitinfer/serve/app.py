@@ -8,7 +8,7 @@
 Run it threaded (`serve()` does, on waitress): each request holds its own cloud session.
 Before any work a request must pass `guard.check` (Host, Origin, API key), carry a JSON
 body no larger than `max_body_bytes`, and a prompt whose characters alone do not prove
-it too long for the context (`Service.check_length`).
+it too long for the context (`Tokenization.check_length`, in tokens.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-from ..config import DEFAULT_MAX_BODY_BYTES
+from ..config import DEFAULT_MAX_BODY_BYTES, DEFAULT_MODE
 from ..local import LocalSide
 from ..remote import RECONNECT_TIMEOUT_S, CloudError
 from ..webserver import HttpLimits, RateLimitedLog, create_http_server
@@ -99,7 +99,7 @@ def create_app(
     local: LocalSide,
     cloud_ws_url: str,
     token: str | None = None,
-    mode: str = "sequential",
+    mode: str = DEFAULT_MODE,
     *,
     cloud_http_url: str | None = None,
     model_name: str | None = None,

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any
 
+from ..config import DEFAULT_MODE
 from ..decoding import Strategy
 from ..decoding.sampling import make_generator, sampler
 from ..decoding.strategies import STRATEGIES
@@ -31,7 +32,7 @@ class Service:
         local: LocalSide,
         cloud_ws_url: str,
         token: str | None = None,
-        mode: str = "lookahead",
+        mode: str = DEFAULT_MODE,
         *,
         cloud_http_url: str | None = None,
         model_name: str | None = None,
