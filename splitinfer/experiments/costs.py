@@ -101,3 +101,19 @@ def memory_table() -> str:
              f"defaults come out at {defaults['max_sessions']} sessions and {defaults['max_connections']} connections, "
              f"frames up to {defaults['per_frame_mb']:.1f} MiB.")
     return text + source("memory")
+
+
+@values("first_hour")
+def first_hour_value(prefix: str, what: str) -> str:
+    """first_hour.install / .prepare / .demo (seconds, or minutes where marked _min) / .tests_min / .tests_passed
+    / .help_max: a fresh clone's first steps on the recorded machine (benchmarks/first_hour.py)."""
+    d = load("first_hour")
+    tests = d.get("tests", {})
+    return {
+        "install_min": lambda: f"{d['install_seconds'] / 60:.1f}",
+        "prepare": lambda: f"{d['prepare_model_seconds']:.0f}",
+        "demo": lambda: f"{d['demo_seconds']:.0f}",
+        "tests_min": lambda: f"{tests['seconds'] / 60:.1f}",
+        "tests_passed": lambda: str(tests["counts"].get("passed", 0)),
+        "help_max": lambda: f"{max(d['help_seconds'].values()):.2f}",
+    }[what]()
