@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from splitinfer.cli import HelpFormatter, add_model_args, add_testbed_args
+from splitinfer.cli import HelpFormatter, add_drafter_arg, add_model_args, add_testbed_args
 from splitinfer.config import OUT_HELP, experiment_out
 from splitinfer.decoding.lookahead import Memory
 from splitinfer.experiments import prompts as prompt_sets
@@ -28,6 +28,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--max-verify", type=int, default=None, help="pin lookahead's tree size (default: chosen by cost)")
     add_testbed_args(p, existing_cloud=False)
+    add_drafter_arg(p)
     p.add_argument("--out", type=Path, default=experiment_out("wan_side_by_side.json"), help=OUT_HELP)
     return p.parse_args(argv)
 

@@ -15,13 +15,14 @@ from .helpformat import HelpFormatter
 
 PROG = "splitinfer"
 
-# Commands with a parser of their own (also run as top-level scripts and console scripts): the module
+# Commands with a parser of their own (also console scripts, most also top-level scripts): the module
 # under splitinfer.commands whose main(argv, prog) runs it, and the line `--help` lists it with.
 DELEGATED = {
     "cloud": ("cloud", "run the cloud side: the middle layers behind a WebSocket (cloud_server_kv.py)"),
     "serve": ("serve", "run the local side as an OpenAI-compatible server for clients (jacobi_server.py)"),
     "chat": ("chat", "chat with the split model from this terminal, or generate once (interactive.py)"),
     "client": ("client", "a light terminal client of `serve`, for another machine (mac_client.py)"),
+    "train-drafter": ("train_drafter", "train a draft head for a model on its own answers to the training corpus"),
 }
 
 

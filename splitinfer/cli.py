@@ -73,6 +73,30 @@ def add_model_args(parser: argparse.ArgumentParser, kernels: bool = True) -> Non
     )
 
 
+def add_drafter_arg(group) -> None:
+    """--drafter: the draft head lookahead drafts with."""
+    group.add_argument(
+        "--drafter",
+        default=None,
+        metavar="DIR|none",
+        help="draft head for lookahead (a directory with config.json and model.safetensors, trained for this "
+        "model), whose token trees join the model-free guesses; 'none': model-free guesses only; "
+        "default: drafters/MODEL/ of the checkout when it exists (MODEL: the model directory's name), else none",
+    )
+
+
+def drafter_problem(model: Path | None, drafter: str | None) -> str | None:
+    """What makes --drafter unusable that can be seen without loading anything; None when it looks usable
+    (the local side checks again when it loads it)."""
+    from .drafting import DrafterError, resolve
+
+    try:
+        resolve(model or DEFAULT_MODEL_DIR, drafter)
+    except DrafterError as exc:
+        return str(exc)
+    return None
+
+
 def add_testbed_args(parser: argparse.ArgumentParser, existing_cloud: bool = True, cloud_device: bool = True) -> None:
     """What the experiments take about the cloud they start (or, with --cloud, the one they measure)."""
     parser.add_argument("--cloud-threads", type=int, default=1, help="torch threads of the cloud process")
@@ -192,3 +216,4 @@ def add_local_args(parser: argparse.ArgumentParser, default_mode: str = DEFAULT_
     g = parser.add_argument_group("decoding (greedy; every mode gives the same tokens)")
     g.add_argument("--mode", choices=MODES, default=default_mode, help="decoding strategy")
     g.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many generated tokens (or EOS)")
+    add_drafter_arg(g)

@@ -75,8 +75,12 @@ class SplitModel:
         return self.span.max_step_tokens
 
     @torch.inference_mode()
-    def forward(self, tokens: Sequence[int], parents: Sequence[int] | None = None) -> torch.Tensor:
-        """Logits [q, vocab] (float32) for a block of q new tokens; commit() must follow."""
+    def forward(
+        self, tokens: Sequence[int], parents: Sequence[int] | None = None, *, features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [q, vocab] (float32) for a block of q new tokens; commit() must follow.
+
+        With `features`: (logits, features [q, H] float32), the final-norm outputs the LM head read."""
         if self.pending is not None:
             raise RuntimeError("commit() the previous block before the next forward")
         q = len(tokens)
@@ -96,8 +100,8 @@ class SplitModel:
         t1 = time.perf_counter()
         hidden, wire = self.span.forward(hidden, cos, sin, None if chain else block)
         t2 = time.perf_counter()
-        logits = self.tail(hidden, cos, sin, mask, self.cache)  # [q, vocab]
-        _settle(logits)
+        out = self.tail(hidden, cos, sin, mask, self.cache, features=features)  # [q, vocab] (, [q, H])
+        _settle(out[0] if features else out)
         t3 = time.perf_counter()
         self.pending = q
         self.timings.append(
@@ -111,7 +115,7 @@ class SplitModel:
                 network_ms=wire.network_ms,
             )
         )
-        return logits
+        return out
 
     def take_timings(self) -> list[StepTiming]:
         """The timings of the forwards since the last call (decoding.drive pairs them with their step)."""

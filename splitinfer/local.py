@@ -19,11 +19,15 @@ from .config import Split
 from .decoding import Strategy
 from .decoding.drive import Step, drive
 from .decoding.lookahead import Memory
-from .decoding.strategies import STRATEGIES
+from .decoding.strategies import make
+from .drafting import DrafterError
+from .drafting import resolve as resolve_drafter
+from .drafting.draft import Drafter
+from .drafting.head import load as load_draft_head
 from .engine import SplitModel, Span
 from .identity import Identity, of_model
-from .models import default_device, dtype_name, load_config, resolve_dtype, resolve_model
-from .kernels import use_kernels
+from .models import ModelError, default_device, dtype_name, load_config, resolve_dtype, resolve_model
+from .kernels import pack_linears, use_kernels
 from .parts import describe, load_local
 
 log = logging.getLogger(__name__)
@@ -85,7 +89,10 @@ class LocalSide:
         device: str | None = None,
         dtype: str | None = None,
         kernels: str = "auto",
+        drafter: str | Path | None = None,
     ):
+        """`drafter`: a draft head directory for lookahead, "none", or None for the model's default
+        (drafting.resolve)."""
         self.model_dir = resolve_model(model)
         self.device = device or default_device()
         self.dtype = resolve_dtype(dtype, self.device)
@@ -99,11 +106,12 @@ class LocalSide:
         self.kernels = kernels
         self.packed = use_kernels([self.head, self.tail], self.config, kernels, self.device, self.dtype)
         self.eos = self._eos_ids()
+        self.drafter_path, self.drafter = self._load_drafter(drafter)
         # Lookahead's learned tables and cost model, kept across generations as Token Recycling does.
         # Local only; shared by concurrent requests (their updates are single dict/deque operations).
         self.memory = Memory()
         log.info(
-            "local side: %s, layers %s + %s, %d tensors, %.1fM parameters, %s %s, %d linear maps packed",
+            "local side: %s, layers %s + %s, %d tensors, %.1fM parameters, %s %s, %d linear maps packed, drafter %s",
             self.model_dir,
             list(self.split.head_layers),
             list(self.split.tail_layers),
@@ -112,7 +120,24 @@ class LocalSide:
             self.device,
             dtype_name(self.dtype),
             self.packed,
+            self.drafter_path or "none",
         )
+
+    def _load_drafter(self, arg: str | Path | None) -> tuple[Path | None, Drafter | None]:
+        """(its directory, the drafter) that `arg` names, over this side's embedding and LM head; (None, None)
+        for none.  A directory that cannot be used is a ModelError, as a bad model is."""
+        try:
+            path = resolve_drafter(self.model_dir, arg)
+        except DrafterError as exc:
+            raise ModelError(str(exc)) from None
+        if path is None:
+            return None, None
+        try:
+            head = load_draft_head(path, self.device, self.dtype)
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # a malformed config or weights file
+            raise ModelError(f"drafter {path}: {exc}") from None
+        pack_linears(head, self.kernels, self.device, self.dtype)
+        return path, Drafter.of(head, self.head, self.tail)
 
     def cloud_args(self, device: str | None = None) -> list[str]:
         """cloud_server_kv.py arguments for a cloud started beside this side: its device kind, dtype and kernels,
@@ -156,8 +181,9 @@ class LocalSide:
         on_tokens: Callable[[list[int]], None] | None = None,
         **options,
     ) -> Generation:
-        """Generate with the registry's `mode`; `memory` defaults to this side's own (kept across generations)."""
-        strategy = STRATEGIES[mode](self.memory if memory is None else memory, **options)
+        """Generate with the registry's `mode` (lookahead drafts with this side's drafter, if any); `memory`
+        defaults to this side's own (kept across generations)."""
+        strategy = make(mode, self.memory if memory is None else memory, self.drafter, **options)
         return self.run(span, strategy, prompt_ids, max_new, on_tokens)
 
     def run(

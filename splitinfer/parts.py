@@ -69,9 +69,14 @@ class LocalTail(nn.Module):
         super().__init__()
         self.span, self.norm, self.lm_head = span, norm, lm_head
 
-    def forward(self, hidden, cos, sin, mask, cache) -> torch.Tensor:
-        hidden = self.span(hidden, cos, sin, mask, cache)
-        return self.lm_head(self.norm(hidden))[0].float()  # [q, vocab]
+    def forward(
+        self, hidden, cos, sin, mask, cache, features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [q, vocab] float32; with `features`, also the final-norm outputs the LM head reads [q, H]
+        float32 (what a draft head is trained on)."""
+        normed = self.norm(self.span(hidden, cos, sin, mask, cache))  # [1, q, H]
+        logits = self.lm_head(normed)[0].float()  # [q, vocab]
+        return (logits, normed[0].float()) if features else logits
 
 
 class CloudSpan(LayerSpan):

@@ -44,12 +44,21 @@ class FakeLM:
     * with `sharpness`: every row is Gaussian noise seeded by the whole context and scaled by `sharpness`
       (lower is flatter), so sampling has a real distribution to draw from; `rule` is then not used.
     Any wrong cache bookkeeping in a strategy changes what it writes.
+
+    Its features (`forward(..., features=True)`) are the last `hidden` context tokens up to and including each
+    position, as floats (-1 before the start), so a test can read back which position a feature belongs to.
     """
 
     def __init__(
-        self, vocab: int = 50, rule: Rule | None = None, *, sharpness: float | None = None, max_step_tokens: int = 512
+        self,
+        vocab: int = 50,
+        rule: Rule | None = None,
+        *,
+        sharpness: float | None = None,
+        max_step_tokens: int = 512,
+        hidden: int = 8,
     ):
-        self.vocab, self.max_step_tokens, self.sharpness = vocab, max_step_tokens, sharpness
+        self.vocab, self.max_step_tokens, self.sharpness, self.hidden = vocab, max_step_tokens, sharpness, hidden
         self.rule = rule or default_rule(vocab)
         self.context: list[int] = []
         self.pending: tuple[list[int], list[int]] | None = None  # (tokens, parents) of an uncommitted forward
@@ -67,8 +76,16 @@ class FakeLM:
         row[self.rule(context)] = 2.0
         return row
 
-    def forward(self, tokens: Sequence[int], parents: Sequence[int] | None = None) -> torch.Tensor:
-        """Logits [q, vocab] for a chain or a token tree (parents[i]: the block index before token i, -1: context)."""
+    def feature(self, context: list[int]) -> torch.Tensor:
+        """[hidden] at the last position of `context`: its last `hidden` tokens, left-padded with -1."""
+        tail = context[-self.hidden :]
+        return torch.tensor([-1.0] * (self.hidden - len(tail)) + [float(t) for t in tail])
+
+    def forward(
+        self, tokens: Sequence[int], parents: Sequence[int] | None = None, *, features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [q, vocab] for a chain or a token tree (parents[i]: the block index before token i, -1: context);
+        with `features`, also [q, hidden] (see the class)."""
         assert self.pending is None, "forward before commit"
         tokens = list(tokens)
         parents = masks.chain(len(tokens)) if parents is None else list(parents)
@@ -76,15 +93,16 @@ class FakeLM:
         assert 1 <= len(tokens) <= self.max_step_tokens
         self.calls.append(len(tokens))
         self.timings.append(StepTiming(len(tokens), 0.0, 0.0, 0.0, FAKE_WIRE.wait_ms, FAKE_WIRE.cloud_ms, FAKE_WIRE.network_ms))
-        rows = []
+        contexts = []
         for i in range(len(tokens)):
             path, node = [], i
             while node >= 0:
                 path.append(tokens[node])
                 node = parents[node]
-            rows.append(self._logits(self.context + path[::-1]))
+            contexts.append(self.context + path[::-1])
         self.pending = (tokens, parents)
-        return torch.stack(rows)
+        logits = torch.stack([self._logits(c) for c in contexts])
+        return (logits, torch.stack([self.feature(c) for c in contexts])) if features else logits
 
     def commit(self, keep: Sequence[int] | None = None) -> None:
         assert self.pending is not None, "nothing to commit"

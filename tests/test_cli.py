@@ -31,6 +31,7 @@ SCRIPTS = {  # the top-level scripts (thin shims) and the module holding each on
     "perplexity_comparison.py": "perplexity_comparison",
 }
 COMMANDS = [*DELEGATED, "demo", "prepare-model", "report", "wan"]
+MODULES = {*SCRIPTS.values(), "train_drafter"}  # every splitinfer.commands module with a build_parser
 
 
 def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -40,7 +41,7 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 def parsers() -> dict[str, argparse.ArgumentParser]:
     """Every parser: each command module's, and each subcommand of the top-level one."""
     out = {name: importlib.import_module(f"splitinfer.commands.{name}").build_parser()
-           for name in set(SCRIPTS.values())}
+           for name in MODULES}
     top = build_parser()
     out["splitinfer"] = top
     sub = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
@@ -48,7 +49,7 @@ def parsers() -> dict[str, argparse.ArgumentParser]:
     return out
 
 
-@pytest.mark.parametrize("module", sorted({*SCRIPTS.values(), "demo"}))
+@pytest.mark.parametrize("module", sorted({*MODULES, "demo"}))
 def test_building_a_parser_does_not_import_torch(module):
     build = "add_arguments(__import__('argparse').ArgumentParser())" if module == "demo" else "build_parser()"
     code = f"import sys; from splitinfer.commands import {module} as m; m.{build}; print('torch' in sys.modules)"

@@ -349,12 +349,12 @@ class BrokenCloudLM(FakeLM):
     def __init__(self):
         super().__init__(VOCAB, sharpness=3.0, max_step_tokens=64)
 
-    def forward(self, tokens, parents=None):
+    def forward(self, tokens, parents=None, *, features=False):
         from splitinfer.remote import CloudError
 
         if len(self.calls) >= 3:
             raise CloudError("disconnected", "connection lost")
-        return super().forward(tokens, parents)
+        return super().forward(tokens, parents, features=features)
 
 
 def test_app_reports_cloud_failures_in_the_openai_shape(monkeypatch):

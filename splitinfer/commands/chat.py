@@ -15,7 +15,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..cli import HelpFormatter, add_local_args, add_model_args, fail, model_problem, read_token, setup
+from ..cli import (
+    HelpFormatter, add_local_args, add_model_args, drafter_problem, fail, model_problem, read_token, setup,
+)
 
 if TYPE_CHECKING:  # the real imports wait until the arguments are parsed
     from ..local import Generation, LocalSide
@@ -74,7 +76,9 @@ def one_shot(local: LocalSide, args: argparse.Namespace) -> int:
 
     g = generate(local, args, local.encode(args.prompt, args.raw), stream=not args.json)
     if args.json:
-        extra = {"mode": args.mode, "model": str(local.model_dir), "peak_rss_mb": round(peak_rss_mb(), 1)}
+        extra = {"mode": args.mode, "model": str(local.model_dir),
+                 "drafter": str(local.drafter_path) if local.drafter_path else None,
+                 "peak_rss_mb": round(peak_rss_mb(), 1)}
         print(json.dumps({**extra, **g.as_dict()}))
     else:
         print("\n" + stats(g), file=sys.stderr)
@@ -112,7 +116,7 @@ def repl(local: LocalSide, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
-    if problem := model_problem(args.model):
+    if problem := model_problem(args.model) or drafter_problem(args.model, args.drafter):
         return fail(problem)
     setup(args)
     from ..local import LocalSide
@@ -120,7 +124,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from ..remote import CloudError
 
     try:
-        local = LocalSide(args.model, args.cloud_start, args.cloud_end, args.device, args.dtype, args.kernels)
+        local = LocalSide(
+            args.model, args.cloud_start, args.cloud_end, args.device, args.dtype, args.kernels, args.drafter
+        )
     except ModelError as exc:
         return fail(exc)
     try:

@@ -3,7 +3,9 @@
 Runs every configuration over the project's prompt sets (splitinfer/prompts/*.json:
 code, structured, conversational, creative) through a real cloud server process on
 loopback (optionally behind the WAN emulator), and writes tokens per round trip and
-tokens per second to experiment_data/lookahead_ablation.json with a PNG.
+tokens per second to experiment_data/lookahead_ablation.json with a PNG.  With a
+drafter (--drafter, or the model's default), the source sweep adds the drafter
+alone and the model-free sources without it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import HelpFormatter, add_model_args, add_testbed_args, fail, model_problem
+from ..cli import (
+    HelpFormatter, add_drafter_arg, add_model_args, add_testbed_args, drafter_problem, fail, model_problem,
+)
 from ..config import OUT_HELP, experiment_out
 
 
@@ -33,6 +37,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
     p.add_argument("--rtt-ms", type=float, default=0.0, help="emulated round-trip time to the cloud")
     add_testbed_args(p)
+    add_drafter_arg(p)
     p.add_argument("--quick", action="store_true", help="a smoke run: n=3,4, budget 8, 1 prompt per category, 16 tokens")
     p.add_argument("--out", type=Path, default=experiment_out("lookahead_ablation.json"), help=OUT_HELP)
     return p
@@ -48,7 +53,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
-    if problem := model_problem(args.model):
+    if problem := model_problem(args.model) or drafter_problem(args.model, args.drafter):
         return fail(problem)
     from ..experiments import ablation, prompts
     from ..experiments.plots import grouped_bars
@@ -56,9 +61,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from ..experiments.testbed import settings, testbed_for
     from ..models import ModelError
 
-    cfgs = ablation.configs(args.ngrams, args.budgets, args.base_budget, args.main_budget, args.main_per_category)
     try:
         with testbed_for(args, rtt_ms=args.rtt_ms) as bed:
+            cfgs = ablation.configs(args.ngrams, args.budgets, args.base_budget, args.main_budget,
+                                    args.main_per_category, drafter=bed.local.drafter is not None)
             data = ablation.run(bed, cfgs, args.per_category, args.max_new_tokens)
             run = settings(args, bed.local) | {"budgets": [b or "cost" for b in args.budgets]}
             result = {**provenance(run, bed.local.model_dir), **data}

@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import HelpFormatter, add_model_args, add_testbed_args, fail, model_problem
+from ..cli import (
+    HelpFormatter, add_drafter_arg, add_model_args, add_testbed_args, drafter_problem, fail, model_problem,
+)
 from ..config import MODES, OUT_HELP, experiment_out
 
 
@@ -25,6 +27,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-verify", type=int, default=None, help="lookahead tree size (default: chosen by cost)")
     p.add_argument("--block", type=int, default=8, help="Jacobi block size")
     add_testbed_args(p)
+    add_drafter_arg(p)
     p.add_argument("--quick", action="store_true", help="smoke run: 1 prompt per category, 16 tokens")
     p.add_argument("--out", type=Path, default=experiment_out("perplexity_comparison.json"), help=OUT_HELP)
     return p
@@ -39,7 +42,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
-    if problem := model_problem(args.model):
+    if problem := model_problem(args.model) or drafter_problem(args.model, args.drafter):
         return fail(problem)
     from ..experiments import identity
     from ..experiments.record import provenance, write_json

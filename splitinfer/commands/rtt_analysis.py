@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import HelpFormatter, add_model_args, add_testbed_args, fail, model_problem
+from ..cli import (
+    HelpFormatter, add_drafter_arg, add_model_args, add_testbed_args, drafter_problem, fail, model_problem,
+)
 from ..config import MODES, OUT_HELP, experiment_out
 
 
@@ -33,6 +35,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
     p.add_argument("--max-verify", type=int, default=None, help="pin lookahead's tree size (default: chosen by cost)")
     add_testbed_args(p)
+    add_drafter_arg(p)
     p.add_argument("--quick", action="store_true", help="smoke run: RTTs 0,40,80, 1 prompt per category, 12 tokens")
     p.add_argument("--out", type=Path, default=experiment_out("rtt_analysis.json"), help=OUT_HELP)
     return p
@@ -47,7 +50,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
-    if problem := model_problem(args.model):
+    if problem := model_problem(args.model) or drafter_problem(args.model, args.drafter):
         return fail(problem)
     from ..experiments import rtt
     from ..experiments.plots import rtt_figure

@@ -27,7 +27,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..cli import HelpFormatter, add_local_args, add_model_args, fail, model_problem, read_token, setup
+from ..cli import (
+    HelpFormatter, add_local_args, add_model_args, drafter_problem, fail, model_problem, read_token, setup,
+)
 from ..config import DEFAULT_MAX_BODY_BYTES, HTTP_PORT, LOCAL_SERVER_PORT, WS_PORT
 
 if TYPE_CHECKING:  # the real imports wait until the arguments are parsed
@@ -210,7 +212,7 @@ def warn_unless_ready(app: Flask) -> None:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
-    if problem := model_problem(args.model):
+    if problem := model_problem(args.model) or drafter_problem(args.model, args.drafter):
         return fail(problem)
     setup(args)
     token = read_token(args.auth_token_file)
@@ -223,7 +225,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     from ..serve.guard import is_loopback
 
     try:
-        local = LocalSide(args.model, args.cloud_start, args.cloud_end, args.device, args.dtype, args.kernels)
+        local = LocalSide(
+            args.model, args.cloud_start, args.cloud_end, args.device, args.dtype, args.kernels, args.drafter
+        )
     except ModelError as exc:
         return fail(exc)
     if args.prompt is not None:

@@ -16,14 +16,38 @@ from typing import Protocol
 import torch
 
 from .drive import Step, drive
+from .tree import Draft
 
 
 class TreeLM(Protocol):
     max_step_tokens: int
 
-    def forward(self, tokens: Sequence[int], parents: Sequence[int] | None = None) -> torch.Tensor: ...
+    def forward(
+        self, tokens: Sequence[int], parents: Sequence[int] | None = None, *, features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Logits [q, vocab]; with `features`, (logits, the final-norm features [q, H] the LM head read)."""
+        ...
+
     def commit(self, keep: Sequence[int] | None = None) -> None: ...
     def prefill(self, tokens: Sequence[int]) -> torch.Tensor: ...
+
+
+class TreeDraftSession(Protocol):
+    """One generation's drafting state, kept in step with the committed context (drafting/draft.py)."""
+
+    def observe(self, tokens: Sequence[int], features: torch.Tensor) -> None:
+        """Newly committed tokens [m] with the base model's features at each [m, H]."""
+        ...
+
+    def propose(self, root: int, depth: int, top_k: int, clock: Callable[[], float]) -> Draft:
+        """Continuations of `root` (the next token, known right), `depth` levels deep, timed by `clock`."""
+        ...
+
+
+class TreeDrafter(Protocol):
+    """A draft model shared by generations; each generation drafts through its own session."""
+
+    def session(self) -> TreeDraftSession: ...
 
 
 # What a registry factory returns: (lm, prompt, max_new, eos) -> the tokens each model call commits.

@@ -16,7 +16,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 # Who proposed a node: (source, rank or depth, how much context backed it), for calibration.
+# A drafted node's third field is its draft probability's bin instead (draft_kind).
 Kind = tuple[str, int, int]
+
+DRAFT_BINS = 10  # draft probabilities are calibrated in bins of this width: [0, 0.1), [0.1, 0.2) ...
+MAX_KIND_DEPTH = 7  # deeper nodes share the kind of this depth
+
+
+def draft_kind(depth: int, probability: float) -> Kind:
+    """A drafted node's kind: its depth and its draft probability's bin (calibration learns each bin's real rate)."""
+    return ("draft", min(depth, MAX_KIND_DEPTH), min(int(probability * DRAFT_BINS), DRAFT_BINS - 1))
 
 
 @dataclass
@@ -60,6 +69,47 @@ def verify(tree: Tree, predictions: Sequence[int]) -> tuple[list[int], int]:
     return path, predictions[path[-1]]
 
 
+@dataclass
+class Draft:
+    """A draft head's proposal: a tree of continuations of the root, each node with its draft probability.
+
+    Nodes come in the order drafted (parents first); parents[i] is -1 for a child of the root."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)  # P_draft(token | its path): the node's own probability
+    scores: list[float] = field(default_factory=list)  # the product of probs along the path from the root
+    depths: list[int] = field(default_factory=list)  # 1 for a child of the root
+    level_ms: list[float] = field(default_factory=list)  # the drafting time of each depth level
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(self, parent: int, token: int, prob: float) -> int:
+        above = self.scores[parent] if parent >= 0 else 1.0
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.probs.append(prob)
+        self.scores.append(above * prob)
+        self.depths.append(self.depths[parent] + 1 if parent >= 0 else 1)
+        return len(self.tokens) - 1
+
+    def best(self, n: int) -> list[int]:
+        """The n nodes of highest score, parents before children (a parent never scores below its child)."""
+        order = sorted(range(len(self)), key=lambda i: (-self.scores[i], self.depths[i], i))
+        return sorted(order[:n], key=lambda i: (self.depths[i], i))
+
+    def path(self, node: int) -> tuple[list[int], list[Kind]]:
+        """Tokens from the root's child down to `node`, and each one's kind."""
+        tokens: list[int] = []
+        kinds: list[Kind] = []
+        while node >= 0:
+            tokens.append(self.tokens[node])
+            kinds.append(draft_kind(self.depths[node], self.probs[node]))
+            node = self.parents[node]
+        return tokens[::-1], kinds[::-1]
+
+
 class Trie:
     """Candidate continuations of the root, merged on shared prefixes; each edge remembers its source."""
 
@@ -67,13 +117,16 @@ class Trie:
         self.next: dict[int, Trie] = {}
         self.kind: Kind = ("", 0, 0)
 
-    def insert(self, tokens: Sequence[int], source: str, support: int = 0) -> None:
-        """A candidate continuation; `support` is how much context matched to find it."""
+    def insert(self, tokens: Sequence[int], source: str, support: int = 0, kinds: Sequence[Kind] | None = None) -> None:
+        """A candidate continuation; `support` is how much context matched to find it.  `kinds` gives every
+        node's kind instead (a draft's nodes each carry their own probability).  An edge already there keeps
+        the kind of whoever proposed it first."""
         node = self
         for depth, t in enumerate(tokens):
             if t not in node.next:
                 child = Trie()
-                child.kind = (source, min(depth, 7), min(support, 4))
+                own = (source, min(depth, MAX_KIND_DEPTH), min(support, 4))
+                child.kind = kinds[depth] if kinds is not None else own
                 node.next[t] = child
             node = node.next[t]
 
@@ -90,9 +143,13 @@ class Calibration:
         self.hits: dict[Kind, float] = defaultdict(float)
 
     def p(self, kind: Kind) -> float:
-        source, rank, _ = kind
-        prior = self.PRIOR[source] / (1 + rank) if source == "recycle" else self.PRIOR[source]
-        return (self.hits[kind] + self.WEIGHT * prior) / (self.tested[kind] + self.WEIGHT)
+        return (self.hits[kind] + self.WEIGHT * self.prior(kind)) / (self.tested[kind] + self.WEIGHT)
+
+    def prior(self, kind: Kind) -> float:
+        source, rank, support = kind
+        if source == "draft":  # the draft head's own probability: its bin's centre
+            return (support + 0.5) / DRAFT_BINS
+        return self.PRIOR[source] / (1 + rank) if source == "recycle" else self.PRIOR[source]
 
     def observe(self, tree: Tree, path: Sequence[int]) -> None:
         on_path = set(path)

@@ -36,12 +36,16 @@ class Config:
 
 
 def configs(ngrams: list[int], budgets: list[int | None], base_budget: int, main_budget: int,
-            main_per_category: int) -> list[Config]:
-    """The headline configuration over the whole prompt set first, then the sweeps."""
+            main_per_category: int, drafter: bool = False) -> list[Config]:
+    """The headline configuration over the whole prompt set first, then the sweeps; with a `drafter`, the
+    source sweep has the drafter alone and the model-free sources without it too."""
     out = [Config(f"main {main_budget}", max_verify=main_budget, per_category=main_per_category)]
     out += [Config(f"n={n}", ngram=n, max_verify=base_budget) for n in ngrams]
-    for source in sorted(SOURCES):
+    model_free = SOURCES - {"draft"}
+    for source in sorted(SOURCES if drafter else model_free):
         out.append(Config(f"only {source}", max_verify=base_budget, sources=frozenset({source})))
+    if drafter:
+        out.append(Config("model-free only", max_verify=base_budget, sources=model_free))
     for budget in budgets:
         out.append(Config(f"budget {budget or 'by cost'}", max_verify=budget))
     return out

@@ -96,11 +96,13 @@ def testbed(
     device: str | None = None,
     dtype: str | None = None,
     cloud_device: str | None = None,
+    drafter: str | Path | None = None,
 ) -> Iterator[Bed]:
     """The cloud process it starts computes on the local side's device kind, in its dtype, with its kernels
-    (or on `cloud_device`, in that device's default dtype)."""
+    (or on `cloud_device`, in that device's default dtype).  `drafter` as LocalSide takes it (None: the
+    model's default drafter, if the checkout has one)."""
     torch.set_num_threads(local_threads)
-    local = LocalSide(model, device=device, dtype=dtype, kernels=kernels)
+    local = LocalSide(model, device=device, dtype=dtype, kernels=kernels, drafter=drafter)
     with ExitStack() as stack:
         if cloud is None:
             extra = local.cloud_args(cloud_device)
@@ -115,9 +117,11 @@ def testbed(
 
 
 def settings(args: argparse.Namespace, local: LocalSide, drop: tuple[str, ...] = ("out", "model")) -> dict[str, Any]:
-    """An experiment's command-line settings as they ran: with the local side's device, dtype and threads."""
+    """An experiment's command-line settings as they ran: with the local side's device, dtype, threads and
+    drafter (its directory, or None when lookahead ran on model-free guesses alone)."""
     out = {k: v for k, v in vars(args).items() if k not in drop}
-    out.update(local_threads=args.threads or 1, device=local.device, dtype=dtype_name(local.dtype))
+    drafter = str(local.drafter_path) if local.drafter_path else None
+    out.update(local_threads=args.threads or 1, device=local.device, dtype=dtype_name(local.dtype), drafter=drafter)
     return out
 
 
@@ -132,4 +136,6 @@ def testbed_for(args: argparse.Namespace, **overrides: Any) -> AbstractContextMa
         "dtype": args.dtype,
         "cloud_device": getattr(args, "cloud_device", None),
     }
+    if getattr(args, "drafter", None) is not None:  # else testbed's default: the model's default drafter
+        options["drafter"] = args.drafter
     return testbed(args.model, **{**options, **overrides})

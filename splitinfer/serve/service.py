@@ -15,7 +15,7 @@ from typing import Any
 from ..config import DEFAULT_MODE
 from ..decoding import Strategy
 from ..decoding.sampling import make_generator, sampler
-from ..decoding.strategies import STRATEGIES
+from ..decoding.strategies import STRATEGIES, make
 from ..local import LocalSide
 from ..remote import RECONNECT_TIMEOUT_S, RemoteSpan, cloud_session
 from .api import Request
@@ -85,7 +85,9 @@ class Service:
     def strategy(self, req: Request) -> tuple[str, Strategy]:
         """The request's strategy and the name it reports: the server's greedy mode, or sampling."""
         if req.greedy:
-            return self.mode, STRATEGIES[self.mode](self.local.memory, **self.strategy_options)
+            # A stand-in for a LocalSide may have no drafter attribute: it drafts nothing.
+            drafter = getattr(self.local, "drafter", None)
+            return self.mode, make(self.mode, self.local.memory, drafter, **self.strategy_options)
         options = {"temperature": req.temperature, "top_p": req.top_p, "generator": make_generator(req.seed)}
         return "sampling", sampler(self.local.memory, **options)
 
