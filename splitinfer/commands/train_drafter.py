@@ -16,7 +16,7 @@ from pathlib import Path
 from ..cli import HelpFormatter, add_model_args, fail, model_problem, setup
 
 # Defaults sized for the default model on a 2-core CPU (docs/drafter.md, "Training"): every prompt's greedy
-# answer and one sampled pass take ~26 minutes of generation and ~7 of training; the time budget then stops
+# answer and one sampled pass take ~27 minutes of generation and ~7 of training; the time budget then stops
 # the second sampled pass where training on it would end the run past 42 minutes.
 SAMPLES = 2
 MAX_NEW_TOKENS = 128

@@ -115,11 +115,14 @@ def passes(train: list[Prompt], held_out: list[Prompt], samples: int) -> list[li
     return out + [[Job(p.index, k) for p in train] for k in range(1, samples + 1)]
 
 
-def batches(jobs: list[Job], key: Callable[[Job], tuple], size: int) -> list[list[Job]]:
+def batches(jobs: list[Job], key: Callable[[Job], tuple], size: int, seed: str) -> list[list[Job]]:
     """One pass cut into batches of `size` after sorting by `key`: answers of similar length share a batch,
-    so fewer rows sit finished while the longest one goes on (and less left padding)."""
+    so fewer rows sit finished while the longest one goes on (and less left padding).  The batches run in a
+    seeded random order, so a pass the time budget cuts short still covers every kind of prompt."""
     jobs = sorted(jobs, key=lambda j: (*key(j), j.prompt))
-    return [jobs[i:i + size] for i in range(0, len(jobs), size)]
+    out = [jobs[i:i + size] for i in range(0, len(jobs), size)]
+    random.Random(seed).shuffle(out)
+    return out
 
 
 # ---------------------------------------------------------------------------- one answer's record
@@ -353,7 +356,7 @@ def run_passes(model: nn.Module, store: Store, plan: list[list[Job]], sort_key: 
     done = store.done_jobs()
     for number, jobs in enumerate(plan):
         todo = [j for j in jobs if j not in done]
-        for index, batch in enumerate(batches(todo, sort_key(), size) if todo else []):
+        for index, batch in enumerate(batches(todo, sort_key(), size, f"{seed}:{number}") if todo else []):
             if reason := stop():
                 return reason
             start = time.perf_counter()

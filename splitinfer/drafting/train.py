@@ -163,7 +163,7 @@ def data_phase(base: Base, store: Store, prompts: list[Prompt], split: tuple[lis
     encoded = {p.index: answers.encode(base.tokenizer, p.text) for p in prompts}
     plan = answers.passes(split[0], split[1], data.samples)
     held_batches = math.ceil(len(split[1]) / options.gen_batch)
-    stop = _budget_stop(base, store, train, options, work, overhead_s, held_batches + 1)
+    stop = _budget_stop(base, store, train, options, work, overhead_s, held_batches)
     jobs = sum(map(len, plan))
     bar = tqdm(total=jobs, initial=len(store.done_jobs()), desc="answers", unit="answer", disable=not options.progress,
                dynamic_ncols=True)
@@ -200,7 +200,7 @@ def _sort_key(store: Store, prompts: list[Prompt],
 
 
 def _budget_stop(base: Base, store: Store, train: TrainSettings, options: Options, work: Path, overhead_s: float,
-                 minimum_batches: int) -> Callable[[], str | None]:
+                 held_batches: int) -> Callable[[], str | None]:
     """Before each batch: would generating it still leave time to train on everything generated (at the
     measured training speed) within --time-budget-min?  Never stops before the held-out answers and one
     batch of training answers exist."""
@@ -211,12 +211,16 @@ def _budget_stop(base: Base, store: Store, train: TrainSettings, options: Option
 
     def stop() -> str | None:
         entries = store.entries()
-        if len(entries) < minimum_batches:
+        if len(entries) <= held_batches:
             return None
         spent = store.seconds() + overhead_s  # generation (every run's) + this run's start-up
         tokens = sum(e["tokens"] for e in entries)
+        # each curve point evaluates the held-out answers and as many training ones, two steps without
+        # gradients: about what a teacher-forced training step costs per token
+        held = sum(e["tokens"] for e in entries[:held_batches])  # generated first
+        evaluation = (options.eval_points + 1) * 2 * held
+        training = 1.1 * (train.epochs * tokens + evaluation) / tokens_per_s  # 1.1: padding
         next_batch = max(e["seconds"] for e in entries[-3:])
-        training = 1.15 * train.epochs * tokens / tokens_per_s  # + evaluation and padding
         return "time budget" if spent + next_batch + training + 60 > budget else None
 
     return stop
@@ -228,7 +232,7 @@ def probe_training_speed(base: Base, train: TrainSettings, work: Path) -> float:
     path = work / PROBE
     if path.is_file() and (probe := json.loads(path.read_text())).get("settings") == asdict(train):
         return probe["tokens_per_s"]
-    length = 256
+    length = 160  # about a prompt and an answer
     rows = max(1, train.batch_tokens // length)
     hidden, vocab = base.config.hidden_size, base.config.vocab_size
     seqs = [Sequence(Job(-1, 0), torch.randint(0, vocab, (length,)), torch.randn(length, hidden).half(),
@@ -238,9 +242,9 @@ def probe_training_speed(base: Base, train: TrainSettings, work: Path) -> float:
     batch = collate(seqs, base.device)
     trainer.train_step(batch, lr=0.0)  # warm-up: allocations, oneDNN kernels
     start = time.perf_counter()
-    for _ in range(2):
+    for _ in range(3):
         trainer.train_step(batch, lr=0.0)
-    tokens_per_s = 2 * rows * length / (time.perf_counter() - start)
+    tokens_per_s = 3 * rows * length / (time.perf_counter() - start)
     probe = {"tokens_per_s": tokens_per_s, "batch": [rows, length], "settings": asdict(train)}
     path.write_text(json.dumps(probe) + "\n")
     log.info("training speed probe: %.0f tokens/s", tokens_per_s)
