@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import masks
 from . import TreeDrafter, TreeLM, argmax, clip
 from .budget import CostModel, DraftBudget
 from .sources import NgramPool, RecyclingTable, SuffixIndex
@@ -166,9 +167,8 @@ def expected_by_level(tree: Tree, levels: int) -> tuple[float, list[float]]:
     """The tree's expected tokens apart from its drafted nodes (the root's 1 included), and the expected
     tokens of its drafted nodes at each depth 1..levels."""
     base, gains = 1.0, [0.0] * levels
-    depths = [0] * len(tree)
+    depths = masks.depths(tree.parents)  # the root is at depth 0
     for node in range(1, len(tree)):
-        depths[node] = depths[tree.parents[node]] + 1
         if tree.kinds[node][0] == "draft":
             gains[depths[node] - 1] += tree.scores[node]
         else:
