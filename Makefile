@@ -46,6 +46,7 @@ experiments: $(STAMP)
 	$(PY) lookahead_ablation.py $(SIDES) --per-category 2
 	$(PY) rtt_analysis.py $(SIDES) --per-category 2
 	$(PY) benchmarks/wan_side_by_side.py $(SIDES) --per-category 2
+	$(PY) benchmarks/warm_start.py $(SIDES)
 	$(PY) benchmarks/split_overhead.py $(SIDES) --per-category 1
 	$(PY) benchmarks/step_cost.py $(SIDES) --repeats 8
 	$(PY) inversion_experiment.py --threads 1

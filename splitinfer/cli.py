@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_MODE, DEFAULT_MODEL_DIR, HTTP_PORT, KERNELS, MODES, RECONNECT_TIMEOUT_S
+from .config import DEFAULT_MODE, DEFAULT_MODEL_DIR, HTTP_PORT, KERNELS, MEMORY_DIR, MODES, RECONNECT_TIMEOUT_S
 from .helpformat import HelpFormatter  # noqa: F401  (every entry point takes it from here)
 
 
@@ -217,3 +217,14 @@ def add_local_args(parser: argparse.ArgumentParser, default_mode: str = DEFAULT_
     g.add_argument("--mode", choices=MODES, default=default_mode, help="decoding strategy")
     g.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many generated tokens (or EOS)")
     add_drafter_arg(g)
+    g.add_argument(
+        "--memory-dir",
+        type=Path,
+        default=MEMORY_DIR,
+        help="where lookahead keeps what it learns between runs (the recycling table: n-grams of your own "
+        "prompts and answers, so it stays on this machine, file mode 0600; and the acceptance calibration), "
+        "one file per model; a fresh process starts as fast as a warmed-up one",
+    )
+    g.add_argument(
+        "--no-memory", action="store_true", help="neither read nor write the memory file: every run starts cold"
+    )

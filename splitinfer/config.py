@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from platformdirs import user_data_path
+from platformdirs import user_cache_path, user_data_path
 
 # The SSH tunnel of the spec maps these two ports; the local server for clients
 # therefore defaults to the next free one.
@@ -21,6 +21,9 @@ LOCAL_SERVER_PORT = 5002
 # the same prepared model and writes nothing into the repo.
 DATA_DIR: Path = user_data_path("splitinfer")
 DEFAULT_MODEL_DIR: Path = DATA_DIR / "models" / "smollm2-135m-instruct"
+# Lookahead's memory, one file per model (memory_file.py): ~/.cache/splitinfer/memory on Linux.  A cache:
+# deleting it costs speed only.
+MEMORY_DIR: Path = user_cache_path("splitinfer") / "memory"
 
 
 def _checkout() -> Path | None:

@@ -28,6 +28,7 @@ from .engine import SplitModel, Span
 from .identity import Identity, of_model
 from .models import ModelError, default_device, dtype_name, load_config, resolve_dtype, resolve_model
 from .kernels import pack_linears, use_kernels
+from .memory_file import MemoryFile, path_for
 from .parts import describe, load_local
 
 log = logging.getLogger(__name__)
@@ -90,9 +91,12 @@ class LocalSide:
         dtype: str | None = None,
         kernels: str = "auto",
         drafter: str | Path | None = None,
+        memory_dir: Path | None = None,
     ):
         """`drafter`: a draft head directory for lookahead, "none", or None for the model's default
-        (drafting.resolve)."""
+        (drafting.resolve).  `memory_dir`: where lookahead's memory is kept between processes (memory_file;
+        the commands pass the user cache directory unless --no-memory); None: it lives and dies with this
+        object (experiments start cold, reproducibly)."""
         self.model_dir = resolve_model(model)
         self.device = device or default_device()
         self.dtype = resolve_dtype(dtype, self.device)
@@ -107,9 +111,15 @@ class LocalSide:
         self.packed = use_kernels([self.head, self.tail], self.config, kernels, self.device, self.dtype)
         self.eos = self._eos_ids()
         self.drafter_path, self.drafter = self._load_drafter(drafter)
-        # Lookahead's learned tables and cost model, kept across generations as Token Recycling does.
-        # Local only; shared by concurrent requests (their updates are single dict/deque operations).
-        self.memory = Memory()
+        # Lookahead's learned tables and cost model, kept across generations as Token Recycling does, and
+        # across processes in memory_dir.  Local only; shared by concurrent requests (their updates are
+        # single dict/deque operations).
+        self.memory_file: MemoryFile | None = None
+        if memory_dir is not None:
+            drafter_name = str(self.drafter_path.resolve()) if self.drafter_path else None
+            path = path_for(self.model_dir, num_layers, memory_dir)
+            self.memory_file = MemoryFile(path, self.config.vocab_size, drafter_name)
+        self.memory = self.memory_file.load() if self.memory_file else Memory()
         log.info(
             "local side: %s, layers %s + %s, %d tensors, %.1fM parameters, %s %s, %d linear maps packed, drafter %s",
             self.model_dir,
@@ -138,6 +148,16 @@ class LocalSide:
             raise ModelError(f"drafter {path}: {exc}") from None
         pack_linears(head, self.kernels, self.device, self.dtype)
         return path, Drafter.of(head, self.head, self.tail)
+
+    def remember(self) -> None:
+        """Keep what this side's memory has learned, when it is kept on disk and a save is due."""
+        if self.memory_file is not None:
+            self.memory_file.save_if_due(self.memory)
+
+    def close(self) -> None:
+        """Save the memory now (at exit)."""
+        if self.memory_file is not None:
+            self.memory_file.save(self.memory)
 
     def cloud_args(self, device: str | None = None) -> list[str]:
         """cloud_server_kv.py arguments for a cloud started beside this side: its device kind, dtype and kernels,
@@ -184,7 +204,11 @@ class LocalSide:
         """Generate with the registry's `mode` (lookahead drafts with this side's drafter, if any); `memory`
         defaults to this side's own (kept across generations)."""
         strategy = make(mode, self.memory if memory is None else memory, self.drafter, **options)
-        return self.run(span, strategy, prompt_ids, max_new, on_tokens)
+        try:
+            return self.run(span, strategy, prompt_ids, max_new, on_tokens)
+        finally:  # an interrupted generation's steps were learned from too
+            if memory is None:
+                self.remember()
 
     def run(
         self,

@@ -461,3 +461,18 @@ def test_experiment_settings_record_the_drafter():
     for path in (None, Path("drafters/m")):
         local = SimpleNamespace(device="cpu", dtype=torch.float32, drafter_path=path)
         assert testbed.settings(args, local)["drafter"] == (str(path) if path else None)
+
+
+def test_the_ablation_puts_the_drafter_free_figures_beside_the_drafters():
+    from splitinfer.decoding.lookahead import SOURCES
+    from splitinfer.experiments.ablation import configs
+
+    with_drafter = {c.name: c for c in configs([4], [16, None], 32, 64, 10, drafter=True)}
+    assert list(with_drafter)[:2] == ["main 64", "main 64 model-free"]  # the headline, then the figure beside it
+    assert with_drafter["main 64"].sources == SOURCES and with_drafter["main 64"].max_verify == 64
+    free = SOURCES - {"draft"}
+    assert with_drafter["main 64 model-free"].sources == free and with_drafter["main 64 model-free"].per_category == 10
+    assert with_drafter["only draft"].sources == {"draft"} and with_drafter["model-free only"].sources == free
+    assert with_drafter["budget 16"].sources == SOURCES  # the tree-size sweep drafts
+    without = [c.name for c in configs([4], [16], 32, 64, 10, drafter=False)]
+    assert "main 64 model-free" not in without and "only draft" not in without

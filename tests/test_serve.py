@@ -231,6 +231,8 @@ def fake_local(eos: frozenset[int] = frozenset(), sharpness: float = 3.0, lm=Non
         models=models,
         split=Split(6),
         memory=Memory(),
+        drafter=None,
+        remember=lambda: None,
         identity=Identity(64, 4, 2, 16, 6, 2, 3, "0" * 64),  # what a real LocalSide computes from its files
     )
 

@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     try:
         local = LocalSide(
-            args.model, args.cloud_start, args.cloud_end, args.device, args.dtype, args.kernels, args.drafter
+            args.model, args.cloud_start, args.cloud_end, args.device, args.dtype, args.kernels, args.drafter,
+            memory_dir=None if args.no_memory else args.memory_dir,
         )
     except ModelError as exc:
         return fail(exc)
@@ -137,3 +138,5 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except KeyboardInterrupt:  # during a one-shot answer
         print(file=sys.stderr)
         return 130
+    finally:
+        local.close()  # keeps lookahead's memory for the next run

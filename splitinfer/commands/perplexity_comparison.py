@@ -3,7 +3,9 @@ vs the full, unsplit model's Hugging Face greedy `generate`.
 
 Reports token-level and exact-sequence agreement, each output's perplexity under
 the full model, and for any difference the first differing position and the full
-model's top-2 logit margin there.  Writes experiment_data/perplexity_comparison.json.
+model's top-2 logit margin there.  With a drafter (the model's default, or --drafter),
+lookahead runs once more without it, as the row lookahead-model-free.  Writes
+experiment_data/perplexity_comparison.json.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     if problem := model_problem(args.model) or drafter_problem(args.model, args.drafter):
         return fail(problem)
-    from ..experiments import identity
+    from ..experiments import identity, rows_for
     from ..experiments.record import provenance, write_json
     from ..experiments.testbed import settings, testbed_for
     from ..models import ModelError
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     options = {"jacobi": {"block": args.block}, "lookahead": {"max_verify": args.max_verify}}
     try:
         with testbed_for(args) as bed:
-            data = identity.run(bed, args.modes, args.per_category, args.max_new_tokens, options)
+            rows = rows_for(args.modes, options, drafter=bed.local.drafter is not None)
+            data = identity.run(bed, rows, args.per_category, args.max_new_tokens)
             write_json(args.out, {**provenance(settings(args, bed.local), bed.local.model_dir), **data})
     except ModelError as exc:
         return fail(exc)

@@ -6,7 +6,8 @@ and 120 ms over a prompt set, fits the decomposition model, reports its
 leave-one-RTT-out cross-validation error and projects tokens/s at --project
 RTTs.  Writes experiment_data/rtt_analysis.json and rtt_analysis.png.
 With --cloud URL it measures a real remote server instead (no emulator: the RTT
-is whatever the link has; pass --rtts 0).
+is whatever the link has; pass --rtts 0).  With a drafter (the model's default, or
+--drafter), lookahead runs once more without it, as the row lookahead-model-free.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
     if problem := model_problem(args.model) or drafter_problem(args.model, args.drafter):
         return fail(problem)
-    from ..experiments import rtt
+    from ..experiments import rows_for, rtt
     from ..experiments.plots import rtt_figure
     from ..experiments.record import provenance, write_json
     from ..experiments.testbed import settings, testbed_for
@@ -63,18 +64,19 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     options = {"lookahead": {"max_verify": args.max_verify}}
     try:
         with testbed_for(args) as bed:
-            records = rtt.measure(bed, args.rtts, args.modes, args.per_category, args.max_new_tokens, options)
+            rows = rows_for(args.modes, options, drafter=bed.local.drafter is not None)
+            records = rtt.measure(bed, args.rtts, rows, args.per_category, args.max_new_tokens)
             local = bed.local
     except ModelError as exc:
         return fail(exc)
     measured = rtt.aggregate(records)
     model = rtt.Decomposition(records)
     cv = rtt.cross_validate(records, measured) if len(args.rtts) > 2 else None
-    projection = {m: {rtt.key(x): model.tokens_per_second(m, x) for x in args.project} for m in args.modes}
+    projection = {m: {rtt.key(x): model.tokens_per_second(m, x) for x in args.project} for m in rows}
     write_json(args.out, {**provenance(settings(args, local), local.model_dir), "measured": measured,
                           "model": model.as_dict(), "cross_validation": cv, "projection": projection, "runs": records})
     rtt_figure(args.out.with_suffix(".png"), measured, model, args.project)
-    for mode in args.modes:
+    for mode in rows:
         row = "  ".join(f"{r} ms: {v['tokens_per_second']:.2f}" for r, v in measured[mode].items())
         print(f"{mode:>10} tokens/s  {row}")
     if cv:

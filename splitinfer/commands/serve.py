@@ -226,20 +226,23 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     try:
         local = LocalSide(
-            args.model, args.cloud_start, args.cloud_end, args.device, args.dtype, args.kernels, args.drafter
+            args.model, args.cloud_start, args.cloud_end, args.device, args.dtype, args.kernels, args.drafter,
+            memory_dir=None if args.no_memory else args.memory_dir,
         )
     except ModelError as exc:
         return fail(exc)
-    if args.prompt is not None:
-        return one_shot(local, args, token)
-    app = build_app(local, args, token, api_key)
-    warn_unless_ready(app)
-    if api_key is None and not is_loopback(args.host):
-        log.warning("serving on %s without --api-key-file: anyone who can reach this port can use the model", args.host)
     try:
+        if args.prompt is not None:
+            return one_shot(local, args, token)
+        app = build_app(local, args, token, api_key)
+        warn_unless_ready(app)
+        if api_key is None and not is_loopback(args.host):
+            log.warning("serving on %s without --api-key-file: anyone who can reach this port can use the model", args.host)
         serve(app, args.host, args.port)
     except KeyboardInterrupt:
         pass
     except OSError as exc:  # the port is taken, or the address is not ours
         return fail(f"cannot serve on {args.host}:{args.port}: {exc}")
+    finally:
+        local.close()  # keeps lookahead's memory for the next run
     return 0

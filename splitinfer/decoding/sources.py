@@ -88,16 +88,36 @@ class RecyclingTable:
     context more closely at no cost in model calls.
     """
 
-    def __init__(self, k: int = 8, order: int = 3):
-        self.k, self.order = k, order
-        self._table: dict[tuple[int, ...], list[int]] = {}
+    def __init__(self, k: int = 8, order: int = 3, max_entries: int = 1 << 18):
+        """`max_entries` bounds a long-lived table (a server's, a persisted one): the least recently
+        refreshed entries go first.  2^18 entries are ~50 MB in memory, ~10 MB on disk."""
+        self.k, self.order, self.max_entries = k, order, max_entries
+        self._table: dict[tuple[int, ...], list[int]] = {}  # insertion order: least recently refreshed first
+
+    def __len__(self) -> int:
+        return len(self._table)
 
     def update(self, contexts: Sequence[Sequence[int]], logits: torch.Tensor) -> None:
         """logits [q, vocab]; contexts[i] ends with the token whose logits row i is."""
         top = torch.topk(logits, self.k, dim=-1).indices.tolist()
+        table = self._table
         for context, row in zip(contexts, top):
             for n in range(1, min(self.order, len(context)) + 1):
-                self._table[tuple(context[-n:])] = row
+                key = tuple(context[-n:])
+                table.pop(key, None)  # re-inserted: now the most recent
+                table[key] = row
+        while len(table) > self.max_entries:
+            del table[next(iter(table))]
+
+    def snapshot(self) -> dict[tuple[int, ...], list[int]]:
+        """A copy, oldest entry first (dict.copy runs without releasing the GIL, so a concurrent update
+        cannot interleave)."""
+        return self._table.copy()
+
+    def restore(self, entries: dict[tuple[int, ...], list[int]]) -> None:
+        """Replace the table with `entries` (a snapshot's order: oldest first), keeping the newest max_entries."""
+        items = list(entries.items())[-self.max_entries :]
+        self._table = {key: list(row[: self.k]) for key, row in items}
 
     def get(self, context: Sequence[int]) -> tuple[list[int], int]:
         """(top-k next tokens, how many context tokens the entry matched); ([], 0) if none."""

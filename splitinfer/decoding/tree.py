@@ -137,6 +137,7 @@ class Calibration:
     # Prior means and weight: a few pseudo-observations, replaced by evidence within a few steps.
     PRIOR = {"suffix": 0.5, "ngram": 0.4, "recycle": 0.35}
     WEIGHT = 4.0
+    SOURCES = frozenset({*PRIOR, "draft"})  # the kinds of proposal calibrated
 
     def __init__(self) -> None:
         self.tested: dict[Kind, float] = defaultdict(float)
@@ -150,6 +151,13 @@ class Calibration:
         if source == "draft":  # the draft head's own probability: its bin's centre
             return (support + 0.5) / DRAFT_BINS
         return self.PRIOR[source] / (1 + rank) if source == "recycle" else self.PRIOR[source]
+
+    def snapshot(self) -> dict[Kind, tuple[float, float]]:
+        """{kind: (tested, hits)}: what has been learned, for keeping it (memory_file)."""
+        return {kind: (tested, self.hits[kind]) for kind, tested in list(self.tested.items())}
+
+    def restore(self, kind: Kind, tested: float, hits: float) -> None:
+        self.tested[kind], self.hits[kind] = tested, hits
 
     def observe(self, tree: Tree, path: Sequence[int]) -> None:
         on_path = set(path)

@@ -460,6 +460,7 @@ def _provenance(paths: Paths, data: DataSettings, train: TrainSettings, options:
     train_tokens = sum(len(s.tokens) for s in sets.train)
     return {
         **provenance(settings, paths.model_dir),
+        "wall_seconds": round(time.monotonic() - t0, 1),  # provenance's own clock starts at its (late) import
         "base_model": {"path": str(paths.model_dir), "weights_digest": base.digest,
                        "config": json.loads(base.config.to_json_string())},
         "corpus": _corpus_summary(data, prompts, split),

@@ -38,10 +38,14 @@ class Config:
 def configs(ngrams: list[int], budgets: list[int | None], base_budget: int, main_budget: int,
             main_per_category: int, drafter: bool = False) -> list[Config]:
     """The headline configuration over the whole prompt set first, then the sweeps; with a `drafter`, the
-    source sweep has the drafter alone and the model-free sources without it too."""
-    out = [Config(f"main {main_budget}", max_verify=main_budget, per_category=main_per_category)]
-    out += [Config(f"n={n}", ngram=n, max_verify=base_budget) for n in ngrams]
+    headline again without it (the figure beside it), and the source sweep has the drafter alone and the
+    model-free sources without it too.  The tree-size sweep uses every source (the drafter's too)."""
     model_free = SOURCES - {"draft"}
+    out = [Config(f"main {main_budget}", max_verify=main_budget, per_category=main_per_category)]
+    if drafter:
+        out.append(Config(f"main {main_budget} model-free", max_verify=main_budget, sources=model_free,
+                          per_category=main_per_category))
+    out += [Config(f"n={n}", ngram=n, max_verify=base_budget) for n in ngrams]
     for source in sorted(SOURCES if drafter else model_free):
         out.append(Config(f"only {source}", max_verify=base_budget, sources=frozenset({source})))
     if drafter:

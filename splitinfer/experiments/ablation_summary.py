@@ -3,11 +3,12 @@ for the runs)."""
 
 from __future__ import annotations
 
+import json
 import statistics
 from typing import Any
 
 from . import prompts as prompt_sets
-from .registry import DECODING, PROMPTS, differences, f2, load, markdown_table, produced_by, recomputed, source, table, values
+from .registry import DECODING, PROMPTS, ROOT, differences, f2, load, markdown_table, produced_by, recomputed, source, table, values
 
 NAME = "lookahead_ablation"
 CATEGORIES = ["all", "code", "structured", "conversational", "creative"]
@@ -61,10 +62,38 @@ def ablation_table() -> str:
 @values("ablation")
 def ablation_value(prefix: str, what: str) -> str:
     """ablation.<config name, "_" for a space>.<category>: its tokens per step; config "main" is the headline
-    run (the first), whatever its tree size; category "budget" is that run's tree size."""
+    run (the first), whatever its tree size, and "main model-free" the headline without the drafter (when
+    the run had one); category "budget" is that run's tree size."""
     config, _, key = what.rpartition(".")
     config = config.replace("_", " ")
     for i, c in enumerate(load(NAME)["configs"]):
-        if c["config"]["name"] == config or (config == "main" and i == 0):
+        name = c["config"]["name"]
+        headline = name.startswith("main ")
+        if name == config or (config == "main" and i == 0) or (
+            config == "main model-free" and headline and name.endswith(" model-free")
+        ):
             return str(c["config"]["max_verify"]) if key == "budget" else f2(c["summary"][key]["tokens_per_step"])
     raise KeyError(f"no ablation config {config!r}")
+
+
+DRAFTER = "drafters/smollm2-135m-instruct"  # the default model's committed draft head (make drafter)
+
+
+@values("drafter")
+def drafter_value(prefix: str, what: str) -> str:
+    """drafter.<field> of the committed draft head, from its provenance.json (train-drafter writes it):
+    .size_mb (model.safetensors), .minutes (the whole run, as one uninterrupted run timed it), .answer_tokens (thousands), .answers,
+    .held_out_top1 / .train_top1 (%, the last curve point), .draft_vocab, .commit, .date."""
+    d = json.loads((ROOT / DRAFTER / "provenance.json").read_text())
+    final, data = d["final"], d["data"]
+    return {
+        "size_mb": lambda: f"{(ROOT / DRAFTER / 'model.safetensors').stat().st_size / 1e6:.1f}",
+        "minutes": lambda: f"{d['timings']['total_this_run_s'] / 60:.0f}",
+        "answer_tokens": lambda: f"{sum(data['answer_tokens'].values()) / 1000:.0f}",
+        "answers": lambda: str(sum(data["answers"].values())),
+        "held_out_top1": lambda: f"{100 * final['held_out']['top1']:.1f}",
+        "train_top1": lambda: f"{100 * final['train']['top1']:.1f}",
+        "draft_vocab": lambda: str(d["settings"]["training"]["draft_vocab"]),
+        "commit": lambda: d["commit"][:12],
+        "date": lambda: d["date"][:10],
+    }[what]()

@@ -33,6 +33,9 @@ def grouped_bars(path: Path, title: str, ylabel: str, groups: list[str], series:
     return save(fig, path)
 
 
+SHORT = {"sequential": "seq", "lookahead": "look", "jacobi": "jac", "lookahead-model-free": "free"}  # bar labels
+
+
 def rtt_figure(path: Path, measured: dict, model, projections: list[float]) -> Path:
     """Left: tokens/s vs RTT, measured points and the fitted model.  Right: time shares per mode at each RTT."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -53,7 +56,7 @@ def rtt_figure(path: Path, measured: dict, model, projections: list[float]) -> P
     bars = {p: [] for p in parts}
     for mode in modes:
         for x in rtts:
-            labels.append(f"{mode[:3]}\n{x:g}")
+            labels.append(f"{SHORT.get(mode, mode[:4])}\n{x:g}")
             for p in parts:
                 bars[p].append(measured[mode][f"{x:g}"]["shares"][p])
     bottoms = [0.0] * len(labels)

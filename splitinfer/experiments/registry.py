@@ -35,7 +35,7 @@ DATA = ROOT / "experiment_data"
 # that choose the tokens.  Transport, logging and the command lines are left out: they change no number.
 SPLIT_NUMERICS = ("splitinfer/engine.py", "splitinfer/parts.py", "splitinfer/hf.py", "splitinfer/kv.py",
                   "splitinfer/masks.py", "splitinfer/kernels.py")
-DECODING = ("splitinfer/decoding",)
+DECODING = ("splitinfer/decoding", "splitinfer/drafting", "drafters")  # strategies, the draft head, its weights
 PROMPTS = ("prompts", "splitinfer/prompts")  # the prompt sets, before and after they became package data
 
 Table = Callable[[], str]

@@ -35,8 +35,9 @@ def key(rtt: float) -> str:
     return f"{float(rtt):g}"
 
 
-def measure(bed: Bed, rtts: list[float], modes: list[str], per_category: int, max_new: int, options: dict) -> list[dict]:
-    """One record per (rtt, mode, prompt), with every step's timing.
+def measure(bed: Bed, rtts: list[float], rows: dict[str, tuple[str, dict]], per_category: int, max_new: int) -> list[dict]:
+    """One record per (rtt, row, prompt), with every step's timing; `rows` as experiments.rows_for gives them
+    (a record's "mode" is its row's name).
 
     Prompt by prompt, every RTT and mode in turn (see `schedule`): the machine's speed
     drifts over a long run (other load, clocks), and interleaving spreads that drift
@@ -47,6 +48,7 @@ def measure(bed: Bed, rtts: list[float], modes: list[str], per_category: int, ma
     prompts = prompt_sets.load(per_category=per_category)
     encoded = [bed.local.encode(p["prompt"]) for p in prompts]
     # Each (rtt, mode) learns its own cost model and tables, as a local side on that link would.
+    modes = list(rows)
     memories = {(rtt, mode): Memory() for rtt in rtts for mode in modes}
     records = []
     bar = tqdm(total=len(rtts) * len(modes) * len(prompts), desc="rtt analysis", unit="run")
@@ -54,7 +56,8 @@ def measure(bed: Bed, rtts: list[float], modes: list[str], per_category: int, ma
         for rtt, run_modes in schedule(i, rtts, modes):
             bed.set_rtt(rtt)
             for mode in run_modes:
-                g = bed.generate(ids, mode, max_new, memory=memories[(rtt, mode)], **options.get(mode, {}))
+                decoding, options = rows[mode]
+                g = bed.generate(ids, decoding, max_new, memory=memories[(rtt, mode)], **options)
                 steps = g.timings
                 step_ms = sum(_local(t) + t["serialize_ms"] + t["wait_ms"] for t in steps)
                 records.append(

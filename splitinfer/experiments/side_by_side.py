@@ -1,11 +1,13 @@
-"""Sequential and lookahead decoding side by side over one emulated WAN link (benchmarks/wan_side_by_side.py):
-the aggregation, and its table and values in the documents."""
+"""Sequential and lookahead decoding side by side over one emulated WAN link (benchmarks/wan_side_by_side.py),
+and a fresh process against a warm one (benchmarks/warm_start.py): the aggregation, and their tables and
+values in the documents."""
 
 from __future__ import annotations
 
 import statistics
 from typing import Any
 
+from . import MODEL_FREE
 from .registry import DECODING, PROMPTS, SPLIT_NUMERICS, differences, f2, load, markdown_table, pct, produced_by, recomputed, source, table, values
 
 FILES = {"sbs": "wan_side_by_side", "gpu_sbs": "gpu/wan_side_by_side",  # value prefixes and their files
@@ -13,6 +15,12 @@ FILES = {"sbs": "wan_side_by_side", "gpu_sbs": "gpu/wan_side_by_side",  # value 
 
 produced_by("side-by-side", outputs=FILES.values(),
             code=["benchmarks/wan_side_by_side.py", "splitinfer/experiments/testbed.py", *SPLIT_NUMERICS, *DECODING,
+                  *PROMPTS])
+
+
+produced_by("warm-start", outputs=["warm_start"],
+            code=["benchmarks/warm_start.py", "splitinfer/memory_file.py", "splitinfer/local.py",
+                  "splitinfer/commands/chat.py", "splitinfer/experiments/testbed.py", *SPLIT_NUMERICS, *DECODING,
                   *PROMPTS])
 
 
@@ -77,12 +85,44 @@ def tree_steps(d: dict[str, Any], what: str) -> str:
 
 @values(*FILES)
 def side_by_side_value(prefix: str, what: str) -> str:
-    """<prefix>.ratio; .root_only_share / .tokens_per_tree_step (see tree_steps); .<mode>.<summary field>."""
+    """<prefix>.ratio, .model_free_ratio; .root_only_share / .tokens_per_tree_step (see tree_steps);
+    .<mode>.<summary field> (mode "model_free": lookahead without the drafter)."""
     d = load(FILES[prefix])
     if what == "ratio":
         return f2(d["lookahead_over_sequential"])
+    if what == "model_free_ratio":  # lookahead without the drafter over sequential
+        s = d["summary"]
+        return f2(s[MODEL_FREE]["tokens_per_second"] / s["sequential"]["tokens_per_second"])
+    if what.startswith("model_free."):
+        what = MODEL_FREE + what.removeprefix("model_free")
     if what in ("root_only_share", "tokens_per_tree_step"):
         return tree_steps(d, what)
     mode, _, field = what.partition(".")
     v = d["summary"][mode][field]
     return pct(v) if field.startswith("share") else f2(v)
+
+
+def warm_start_summary(phases: dict[str, list[dict]]) -> tuple[dict[str, Any], float]:
+    """Per phase: tokens per round trip pooled over its prompts (decoded tokens over decoding steps); with
+    fresh over warm."""
+    summary = {phase: {"tokens_per_round_trip": sum(sum(r["accepted_per_step"]) for r in rows)
+                       / sum(r["steps"] for r in rows), "prompts": len(rows)} for phase, rows in phases.items()}
+    return summary, summary["fresh"]["tokens_per_round_trip"] / summary["warm"]["tokens_per_round_trip"]
+
+
+@recomputed("warm_start")
+def check_warm_start(data: dict[str, Any]) -> list[str]:
+    summary, ratio = warm_start_summary(data["phases"])
+    return differences(data["summary"], summary, "summary") + differences(data["fresh_over_warm"], ratio, "fresh_over_warm")
+
+
+@values("warm_start")
+def warm_start_value(prefix: str, what: str) -> str:
+    """warm_start.<phase> (warm, fresh, cold): tokens per round trip on the measured prompts; .ratio: fresh over
+    warm; .rtt: the emulated RTT (ms)."""
+    d = load("warm_start")
+    if what == "ratio":
+        return f"{d['fresh_over_warm']:.3f}"
+    if what == "rtt":
+        return f"{d['settings']['rtt_ms']:g}"
+    return f2(d["summary"][what]["tokens_per_round_trip"])

@@ -85,16 +85,17 @@ class Service:
     def strategy(self, req: Request) -> tuple[str, Strategy]:
         """The request's strategy and the name it reports: the server's greedy mode, or sampling."""
         if req.greedy:
-            # A stand-in for a LocalSide may have no drafter attribute: it drafts nothing.
-            drafter = getattr(self.local, "drafter", None)
-            return self.mode, make(self.mode, self.local.memory, drafter, **self.strategy_options)
+            return self.mode, make(self.mode, self.local.memory, self.local.drafter, **self.strategy_options)
         options = {"temperature": req.temperature, "top_p": req.top_p, "generator": make_generator(req.seed)}
         return "sampling", sampler(self.local.memory, **options)
 
     def run(self, job: Job, span: RemoteSpan) -> Iterator[Step]:
         """Generate through `span`, one Step per round trip (see Generations.run)."""
         name, strategy = self.strategy(job.request)  # first on the first next(), as the generation's work
-        yield from self.generations.run(job, span, name, strategy)
+        try:
+            yield from self.generations.run(job, span, name, strategy)
+        finally:
+            self.local.remember()
 
     # -- health: health.py ----------------------------------------------------------------------------
 
