@@ -46,13 +46,15 @@ experiments: $(STAMP)
 	$(PY) lookahead_ablation.py $(SIDES) --per-category 2
 	$(PY) rtt_analysis.py $(SIDES) --per-category 2
 	$(PY) benchmarks/wan_side_by_side.py $(SIDES) --per-category 2
+	$(PY) benchmarks/wan_side_by_side.py $(SIDES) --per-category 2 --max-verify 32 --out experiment_data/wan_side_by_side_pinned.json
 	$(PY) benchmarks/warm_start.py $(SIDES)
+	$(PY) benchmarks/warm_start.py $(SIDES) --drafter none --out experiment_data/warm_start_model_free.json
 	$(PY) benchmarks/split_overhead.py $(SIDES) --per-category 1
 	$(PY) benchmarks/step_cost.py $(SIDES) --repeats 8
 	$(PY) inversion_experiment.py --threads 1
 	$(PY) benchmarks/memory.py --cloud-threads $(THREADS)
 	$(PY) benchmarks/load.py
-	$(PY) -m splitinfer report README.md paper.md docs/privacy.md docs/security.md
+	$(PY) -m splitinfer report README.md paper.md docs/privacy.md docs/security.md docs/drafter.md
 
 # On a machine with a GPU (both sides on it, float16), beside the CPU figures above.  No install
 # step: run it with any Python that has the requirements, e.g. `make experiments-gpu PY=python3`.

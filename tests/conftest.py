@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from functools import cache
 from pathlib import Path
+
+# Lookahead's memory file (splitinfer/memory_file.py) lives in the user cache directory: this test session and
+# every process it starts get an empty one of their own, so no test reads what the user's runs learned, and no
+# test writes there.  Set before splitinfer.config computes the directory.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="splitinfer-tests-cache-")
 
 import pytest
 import torch

@@ -386,6 +386,41 @@ def test_a_random_drafter_on_the_default_model(default_model):
     assert got.tokens == want
 
 
+TRAINED = Path(__file__).resolve().parent.parent / "drafters" / "smollm2-135m-instruct"
+
+
+@pytest.mark.skipif(not (TRAINED / "model.safetensors").is_file(), reason="no committed drafter in this checkout")
+def test_the_committed_drafter_is_exact_and_earns_its_place(default_model):
+    """The trained head on the default model: lookahead's and Jacobi's tokens equal sequential's (the token
+    budget and EOS cuts included), and its drafted nodes are accepted often enough to matter (a head that
+    learned nothing scores about 0)."""
+    from transformers import AutoTokenizer
+
+    from splitinfer.decoding.jacobi import jacobi
+    from splitinfer.drafting.head import load as load_head
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model)
+    turn = [{"role": "user", "content": "List the planets of the solar system, one per line."}]
+    prompt = tokenizer.apply_chat_template(turn, add_generation_prompt=True, tokenize=True, return_dict=False)
+    want = greedy(default_model, prompt, 40)
+    lm = split_model(default_model)
+    drafter = Drafter.of(load_head(TRAINED, "cpu", torch.float32), lm.head, lm.tail)
+    memory = Memory()
+    got = decoding.run(lookahead(lm, prompt, 40, frozenset(), drafter=drafter, memory=memory, max_verify=32))
+    assert got.tokens == want
+    assert draft_acceptance(memory) > 0.1  # over every drafted node tested, siblings included (measured: 0.19)
+    assert decoding.run(jacobi(split_model(default_model), prompt, 40, frozenset())).tokens == want
+    for max_new in (1, 2):
+        lm = split_model(default_model)
+        drafter = Drafter.of(load_head(TRAINED, "cpu", torch.float32), lm.head, lm.tail)
+        assert decoding.run(lookahead(lm, prompt, max_new, frozenset(), drafter=drafter)).tokens == want[:max_new]
+    stop = want[7]
+    lm = split_model(default_model)
+    drafter = Drafter.of(load_head(TRAINED, "cpu", torch.float32), lm.head, lm.tail)
+    got = decoding.run(lookahead(lm, prompt, 40, frozenset({stop}), drafter=drafter))
+    assert got.tokens == want[: want.index(stop) + 1]
+
+
 # -- finding and loading a drafter ---------------------------------------------------------------------------------
 
 

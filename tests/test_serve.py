@@ -232,6 +232,8 @@ def fake_local(eos: frozenset[int] = frozenset(), sharpness: float = 3.0, lm=Non
         split=Split(6),
         memory=Memory(),
         drafter=None,
+        drafter_path=None,
+        memory_file=None,
         remember=lambda: None,
         identity=Identity(64, 4, 2, 16, 6, 2, 3, "0" * 64),  # what a real LocalSide computes from its files
     )
@@ -534,6 +536,7 @@ def test_health_and_models(servers):
     assert body["split"]["local_head"] == [0, 1] and body["split"]["local_tail"] == [28, 29]
     assert body["model"] == "smollm2-135m-instruct" and body["cloud"]["sessions_open"] == 0
     assert set(body["requests"]) == {"active", "completed", "cancelled", "failed"}
+    assert body["drafter"] in (None, "smollm2-135m-instruct") and body["memory"]["kept"] is True
     models = servers.client.models.list()
     assert [m.id for m in models.data] == ["smollm2-135m-instruct"]
     assert servers.client.models.retrieve("smollm2-135m-instruct").owned_by == "splitinfer"

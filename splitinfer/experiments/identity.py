@@ -55,10 +55,10 @@ class FullModel:
         return float(top[0] - top[1])
 
 
-def run(bed: Bed, rows: dict[str, tuple[str, dict]], per_category: int, max_new: int) -> dict[str, Any]:
-    """Every prompt through the unsplit model and each of `rows` (experiments.rows_for); outputs are
-    compared under the row's name."""
-    modes = list(rows)
+def run(bed: Bed, runs: dict[str, tuple[str, dict]], per_category: int, max_new: int) -> dict[str, Any]:
+    """Every prompt through the unsplit model and each of `runs` (experiments.rows_for); outputs are
+    compared under the run's name."""
+    modes = list(runs)
     full = FullModel(bed.local.model_dir, bed.local.device, bed.local.dtype)
     eos = bed.local.eos
     prompts = prompt_sets.load(per_category=per_category)
@@ -69,7 +69,7 @@ def run(bed: Bed, rows: dict[str, tuple[str, dict]], per_category: int, max_new:
         row = {"category": p["category"], "prompt": p["prompt"], "outputs": {REFERENCE: ref},
                "perplexity": {REFERENCE: full.perplexity(ids, ref)}, "comparison": {}}
         for mode in modes:
-            decoding, options = rows[mode]
+            decoding, options = runs[mode]
             g = bed.generate(ids, decoding, max_new, **options)
             row["outputs"][mode] = g.token_ids
             row["perplexity"][mode] = full.perplexity(ids, g.token_ids)

@@ -9,8 +9,9 @@ from .rtt import rtt_table
 from .side_by_side import side_by_side_table
 
 # What `make experiments` writes, in its order.
-REPRODUCED = ("perplexity_comparison", "lookahead_ablation", "rtt_analysis", "wan_side_by_side", "split_overhead",
-              "step_cost", "inversion")
+REPRODUCED = ("perplexity_comparison", "lookahead_ablation", "rtt_analysis", "wan_side_by_side",
+              "wan_side_by_side_pinned", "warm_start", "warm_start_model_free",
+              "split_overhead", "step_cost", "inversion", "memory", "load")
 
 
 @table("gpu")

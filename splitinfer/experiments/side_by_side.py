@@ -11,14 +11,16 @@ from . import MODEL_FREE
 from .registry import DECODING, PROMPTS, SPLIT_NUMERICS, differences, f2, load, markdown_table, pct, produced_by, recomputed, source, table, values
 
 FILES = {"sbs": "wan_side_by_side", "gpu_sbs": "gpu/wan_side_by_side",  # value prefixes and their files
-         "gpu_sbs_cpu_local": "gpu/wan_side_by_side_cpu_local"}
+         "gpu_sbs_cpu_local": "gpu/wan_side_by_side_cpu_local",
+         "sbs_pinned": "wan_side_by_side_pinned"}  # the same run with lookahead's tree pinned (--max-verify 32)
 
 produced_by("side-by-side", outputs=FILES.values(),
             code=["benchmarks/wan_side_by_side.py", "splitinfer/experiments/testbed.py", *SPLIT_NUMERICS, *DECODING,
                   *PROMPTS])
 
 
-produced_by("warm-start", outputs=["warm_start"],
+WARM = {"warm_start": "warm_start", "warm_start_free": "warm_start_model_free"}  # value prefixes: with the drafter, without
+produced_by("warm-start", outputs=WARM.values(),
             code=["benchmarks/warm_start.py", "splitinfer/memory_file.py", "splitinfer/local.py",
                   "splitinfer/commands/chat.py", "splitinfer/experiments/testbed.py", *SPLIT_NUMERICS, *DECODING,
                   *PROMPTS])
@@ -67,7 +69,11 @@ def side_by_side_table(name: str = FILES["sbs"]) -> str:
     rows = [[m, f2(v["tokens_per_second"]), f2(v["tokens_per_step"]), f"{v['ms_per_step']:.0f}",
              f"{v['local_ms_per_step']:.0f}", f"{v['cloud_ms_per_step']:.0f}"] for m, v in s.items()]
     text = markdown_table(["mode", "tokens/s", "tokens/step", "ms/step", "local ms", "cloud ms"], rows)
-    text += (f"\n\nLookahead / sequential: {d['lookahead_over_sequential']:.2f}x; sequential reaches "
+    drafter = d["settings"].get("drafter")
+    free = (f" ({s[MODEL_FREE]['tokens_per_second'] / s['sequential']['tokens_per_second']:.2f}x without the drafter)"
+            if MODEL_FREE in s else "")
+    text += (f"\n\nLookahead / sequential: {d['lookahead_over_sequential']:.2f}x"
+             f"{' with the drafter' if drafter else ''}{free}; sequential reaches "
              f"{pct(s['sequential']['share_of_physical_limit'])} of its physical limit "
              f"({f2(s['sequential']['physical_limit_tokens_per_second'])} tokens/s).")
     return text + source(name)
@@ -110,17 +116,20 @@ def warm_start_summary(phases: dict[str, list[dict]]) -> tuple[dict[str, Any], f
     return summary, summary["fresh"]["tokens_per_round_trip"] / summary["warm"]["tokens_per_round_trip"]
 
 
-@recomputed("warm_start")
+@recomputed(*WARM.values())
 def check_warm_start(data: dict[str, Any]) -> list[str]:
     summary, ratio = warm_start_summary(data["phases"])
     return differences(data["summary"], summary, "summary") + differences(data["fresh_over_warm"], ratio, "fresh_over_warm")
 
 
-@values("warm_start")
+@values(*WARM)
 def warm_start_value(prefix: str, what: str) -> str:
     """warm_start.<phase> (warm, fresh, cold): tokens per round trip on the measured prompts; .ratio: fresh over
-    warm; .rtt: the emulated RTT (ms)."""
-    d = load("warm_start")
+    warm; .cold_ratio: cold over warm; .rtt: the emulated RTT (ms).  Prefix warm_start_free: the run without
+    the drafter."""
+    d = load(WARM[prefix])
+    if what == "cold_ratio":
+        return f"{d['summary']['cold']['tokens_per_round_trip'] / d['summary']['warm']['tokens_per_round_trip']:.3f}"
     if what == "ratio":
         return f"{d['fresh_over_warm']:.3f}"
     if what == "rtt":

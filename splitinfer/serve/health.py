@@ -51,6 +51,10 @@ class Health:
             },
             "cloud": self._cloud_health(),
             "requests": dict(counts),
+            # What lookahead drafts with and whether what it learns outlives the process (no paths: this
+            # endpoint answers without an API key).
+            "drafter": self.local.drafter_path.name if self.local.drafter_path else None,
+            "memory": {"kept": self.local.memory_file is not None, "recycling_entries": len(self.local.memory.recycle)},
         }
         cloud = body["cloud"]
         problems = []
