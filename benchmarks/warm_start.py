@@ -35,7 +35,6 @@ from splitinfer.experiments import prompts as prompt_sets
 from splitinfer.experiments.record import provenance, write_json
 from splitinfer.experiments.side_by_side import warm_start_summary
 from splitinfer.experiments.testbed import Bed, settings, testbed_for
-from splitinfer.memory_file import MemoryFile, path_for
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -87,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             bed.generate(local.encode(p["prompt"]), "lookahead", args.max_new_tokens)
             bar.update()
         # The warm-up process leaves: its memory goes where the fresh processes will look for it.
-        drafter = str(local.drafter_path.resolve()) if local.drafter_path else None
-        config = local.config
-        MemoryFile(path_for(local.model_dir, config.num_hidden_layers, Path(tmp)), config.vocab_size, drafter).save(local.memory)
+        local.memory_file_in(Path(tmp)).save(local.memory)
         entries = len(local.memory.recycle)
         for p in measured:  # still running: the warm process
             g = bed.generate(local.encode(p["prompt"]), "lookahead", args.max_new_tokens)

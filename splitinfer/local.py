@@ -114,11 +114,7 @@ class LocalSide:
         # Lookahead's learned tables and cost model, kept across generations as Token Recycling does, and
         # across processes in memory_dir.  Local only; shared by concurrent requests (their updates are
         # single dict/deque operations).
-        self.memory_file: MemoryFile | None = None
-        if memory_dir is not None:
-            drafter_name = str(self.drafter_path.resolve()) if self.drafter_path else None
-            path = path_for(self.model_dir, num_layers, memory_dir)
-            self.memory_file = MemoryFile(path, self.config.vocab_size, drafter_name)
+        self.memory_file = self.memory_file_in(memory_dir) if memory_dir is not None else None
         self.memory = self.memory_file.load() if self.memory_file else Memory()
         log.info(
             "local side: %s, layers %s + %s, %d tensors, %.1fM parameters, %s %s, %d linear maps packed, drafter %s",
@@ -148,6 +144,12 @@ class LocalSide:
             raise ModelError(f"drafter {path}: {exc}") from None
         pack_linears(head, self.kernels, self.device, self.dtype)
         return path, Drafter.of(head, self.head, self.tail)
+
+    def memory_file_in(self, directory: Path) -> MemoryFile:
+        """This side's memory file in `directory`: named for its model, its calibration tied to its drafter."""
+        drafter = str(self.drafter_path.resolve()) if self.drafter_path else None
+        path = path_for(self.model_dir, self.config.num_hidden_layers, directory)
+        return MemoryFile(path, self.config.vocab_size, drafter)
 
     def remember(self) -> None:
         """Keep what this side's memory has learned, when it is kept on disk and a save is due."""

@@ -53,11 +53,9 @@ def encode(memory: Memory, drafter: str | None) -> tuple[dict[str, torch.Tensor]
     """(tensors, metadata) for `memory`; `drafter` names the draft head whose acceptance the calibration holds."""
     table = memory.recycle.snapshot()  # a copy: serving threads may update the table meanwhile
     order, k = memory.recycle.order, memory.recycle.k
-    keys = torch.full((len(table), order), -1, dtype=torch.int32)  # [n, order]
-    rows = torch.full((len(table), k), -1, dtype=torch.int32)  # [n, k]
-    for i, (key, row) in enumerate(table.items()):
-        keys[i, order - len(key) :] = torch.tensor(key, dtype=torch.int32)
-        rows[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
+    keys = torch.tensor([[-1] * (order - len(key)) + list(key) for key in table], dtype=torch.int32)  # [n, order]
+    rows = torch.tensor([row + [-1] * (k - len(row)) for row in table.values()], dtype=torch.int32)  # [n, k]
+    keys, rows = keys.reshape(-1, order), rows.reshape(-1, k)  # an empty table too
     calibration = memory.calibration.snapshot()
     meta = {
         "format": FORMAT,

@@ -68,10 +68,8 @@ def ablation_value(prefix: str, what: str) -> str:
     config = config.replace("_", " ")
     for i, c in enumerate(load(NAME)["configs"]):
         name = c["config"]["name"]
-        headline = name.startswith("main ")
-        if name == config or (config == "main" and i == 0) or (
-            config == "main model-free" and headline and name.endswith(" model-free")
-        ):
+        free_headline = name.startswith("main ") and name.endswith(" model-free")
+        if name == config or (config == "main" and i == 0) or (config == "main model-free" and free_headline):
             return str(c["config"]["max_verify"]) if key == "budget" else f2(c["summary"][key]["tokens_per_step"])
     raise KeyError(f"no ablation config {config!r}")
 
@@ -83,7 +81,7 @@ DRAFTER = "drafters/smollm2-135m-instruct"  # the default model's committed draf
 def drafter_value(prefix: str, what: str) -> str:
     """drafter.<field> of the committed draft head, from its provenance.json (train-drafter writes it):
     .size_mb (model.safetensors), .minutes (the whole run, as one uninterrupted run timed it), .answer_tokens (thousands), .answers,
-    .held_out_top1 / .train_top1 (%, the last curve point), .draft_vocab, .commit, .date."""
+    .held_out_top1 / .train_top1 (%, the last curve point), .draft_vocab."""
     d = json.loads((ROOT / DRAFTER / "provenance.json").read_text())
     final, data = d["final"], d["data"]
     return {
@@ -94,6 +92,4 @@ def drafter_value(prefix: str, what: str) -> str:
         "held_out_top1": lambda: f"{100 * final['held_out']['top1']:.1f}",
         "train_top1": lambda: f"{100 * final['train']['top1']:.1f}",
         "draft_vocab": lambda: str(d["settings"]["training"]["draft_vocab"]),
-        "commit": lambda: d["commit"][:12],
-        "date": lambda: d["date"][:10],
     }[what]()

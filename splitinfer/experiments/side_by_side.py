@@ -92,15 +92,13 @@ def tree_steps(d: dict[str, Any], what: str) -> str:
 @values(*FILES)
 def side_by_side_value(prefix: str, what: str) -> str:
     """<prefix>.ratio, .model_free_ratio; .root_only_share / .tokens_per_tree_step (see tree_steps);
-    .<mode>.<summary field> (mode "model_free": lookahead without the drafter)."""
+    .<mode>.<summary field>."""
     d = load(FILES[prefix])
     if what == "ratio":
         return f2(d["lookahead_over_sequential"])
     if what == "model_free_ratio":  # lookahead without the drafter over sequential
         s = d["summary"]
         return f2(s[MODEL_FREE]["tokens_per_second"] / s["sequential"]["tokens_per_second"])
-    if what.startswith("model_free."):
-        what = MODEL_FREE + what.removeprefix("model_free")
     if what in ("root_only_share", "tokens_per_tree_step"):
         return tree_steps(d, what)
     mode, _, field = what.partition(".")
@@ -125,11 +123,9 @@ def check_warm_start(data: dict[str, Any]) -> list[str]:
 @values(*WARM)
 def warm_start_value(prefix: str, what: str) -> str:
     """warm_start.<phase> (warm, fresh, cold): tokens per round trip on the measured prompts; .ratio: fresh over
-    warm; .cold_ratio: cold over warm; .rtt: the emulated RTT (ms).  Prefix warm_start_free: the run without
+    warm; .rtt: the emulated RTT (ms).  Prefix warm_start_free: the run without
     the drafter."""
     d = load(WARM[prefix])
-    if what == "cold_ratio":
-        return f"{d['summary']['cold']['tokens_per_round_trip'] / d['summary']['warm']['tokens_per_round_trip']:.3f}"
     if what == "ratio":
         return f"{d['fresh_over_warm']:.3f}"
     if what == "rtt":
