@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What one cloud session and one cloud connection cost in memory, measured on a real cloud process.
 
-1. Sessions: for each of --contexts, one session filled to that many tokens (random float16
+1. Sessions: for each of --contexts, one session reserving and filled to that many tokens (random float16
    activations in chunks of --max-step-tokens); the cloud process's VmRSS growth and its peak
    (VmHWM, reset first) against the bound in splitinfer/cloud/memory.py; then the session closed.
 2. Long sessions: --long-sessions sessions of the largest context, two at a time, opened, filled
@@ -79,11 +79,12 @@ def settle(pid: int, seconds: float = 1.0) -> float:
 class Session:
     """A raw protocol session on its own connection (no recovery, no record: only what the cloud holds)."""
 
-    def __init__(self, url: str, hidden: int, head_dim: int):
+    def __init__(self, url: str, hidden: int, head_dim: int, max_length: int | None = None):
         self._stack = ExitStack()  # websockets wants its connections used as context managers
         self.ws = self._stack.enter_context(connect(url, proxy=None, max_size=None, compression=None))
         self.hidden, self.head_dim, self.step = hidden, head_dim, 0
-        self.id = self.ask({"op": "open", "session": None}).session
+        reserve = {} if max_length is None else {"max_length": max_length}  # else the server's max_context
+        self.id = self.ask({"op": "open", "session": None, **reserve}).session
 
     def ask(self, header: dict, tensors: dict | None = None) -> protocol.Frame:
         header = {**header, "step": self.step}
@@ -132,7 +133,7 @@ def measure_sessions(url: str, pid: int, geometry: memory.Geometry, contexts: li
         start = settle(pid)
         reset_peak(pid)
         t0 = time.perf_counter()
-        s = Session(url, geometry.hidden_size, geometry.head_dim)
+        s = Session(url, geometry.hidden_size, geometry.head_dim, max_length=tokens)  # reserves what it fills
         s.fill(tokens, chunk)
         filled, peak = settle(pid, 0.5), status_mb(pid, "VmHWM")
         s.close()

@@ -110,11 +110,30 @@ class Split:
 class Limits:
     """What one cloud server accepts; each bound keeps a hostile or buggy peer from exhausting it."""
 
-    # The cloud server derives max_sessions and max_frame_bytes from the memory available at start
-    # (cloud/memory.py); these fixed values serve tests and in-process use.
+    # The cloud server derives max_sessions, max_cache_tokens and max_frame_bytes from the memory available
+    # at start (cloud/memory.py); these fixed values serve tests and in-process use.
     max_sessions: int = 64
-    max_context: int = 8192  # tokens held in one session's cache
+    max_context: int = 8192  # tokens held in one session's cache (a session may reserve fewer when it opens)
+    # Cache entries all sessions together may reserve (each reserves its max_length when it opens); beyond
+    # it a new session is answered `busy`.  None: max_sessions alone bounds them.
+    max_cache_tokens: int | None = None
     max_step_tokens: int = 512  # new tokens in one forward (prefill chunks are split by the client)
     max_frame_bytes: int = 64 << 20  # checked from the length prefix before the payload is read
     max_sessions_per_connection: int = 4  # so one connection cannot take every session slot
     idle_seconds: float = SESSION_IDLE_SECONDS
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How the cloud shares its passes between sessions (cloud/sessions.py)."""
+
+    # Rows a causal block (a prompt) contributes to one pass: a long prompt goes in chunks between the other
+    # sessions' steps.  Smaller chunks keep their steps quicker; larger ones finish a prompt in fewer passes.
+    prefill_chunk: int = 256
+    # Rows in one pass, all sessions together (a single forward larger than this still goes alone): bounds
+    # a pass's activations and its latency when many prompts arrive at once.
+    max_batch_tokens: int = 2048
+    # When the compute frees and fewer sessions wait than the last pass held, wait up to this long for the
+    # rest: their next frames are usually a loopback hop away, and a pass that misses them makes them wait a
+    # whole pass.  0 starts every pass at once with whatever is waiting.
+    gather_ms: float = 2.0

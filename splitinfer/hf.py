@@ -134,6 +134,9 @@ def call_layer(
     `cache` may be None (no cache: the block attends to itself only) or a duck-typed cache: the layer's
     attention calls `cache.update(key, value, layer_idx, ...)` once with the block's keys and values
     [batch, kv_heads, q, head_dim] and attends to the (keys, values) it returns (privacy/public.py's PrefixKV).
+    Batched attention: what `update` returns and the `mask` object reach the attention implementation named in
+    the config untouched, and its output [batch, q, heads, head_dim] goes on to the output projection; the
+    cloud's passes (cloud/batch.py) carry one cache view and one mask per session through them.
     """
     kwargs = {_cache_keyword(type(layer)): cache}
     out = layer(hidden, attention_mask=mask, position_embeddings=(cos, sin), use_cache=True, **kwargs)
@@ -177,7 +180,6 @@ def sdpa_attention(module: nn.Module, query, key, value, mask, dropout: float, s
 # layer list lazily, and layers another process holds stay uninitialised (`is_initialized = False`).
 
 Cache = DynamicCache  # the cache type every forward takes and these functions edit
-Saved = list[tuple[torch.Tensor, torch.Tensor] | None]
 
 
 def new_cache() -> DynamicCache:
@@ -221,32 +223,6 @@ def relocate(cache: DynamicCache, start: int, indices: Sequence[int]) -> None:
             order_d = order.to(layer.keys.device)
             layer.keys = layer.keys.index_select(-2, order_d)
             layer.values = layer.values.index_select(-2, order_d)
-
-
-def save_tail(cache: DynamicCache, start: int) -> Saved:
-    """Copies of every layer's entries from `start` on: what `restore_tail` puts back after a failed step."""
-    saved: Saved = []
-    for layer in cache.layers:
-        if layer.is_initialized and layer.get_seq_length() > 0:
-            saved.append((layer.keys[..., start:, :].clone(), layer.values[..., start:, :].clone()))
-        else:
-            saved.append(None)
-    return saved
-
-
-def restore_tail(cache: DynamicCache, start: int, saved: Saved) -> None:
-    """Undo whatever happened to entries >= `start` since `save_tail(cache, start)`; entries before it are untouched.
-
-    Layers the failed step created are emptied back to `start`.
-    """
-    for i, layer in enumerate(cache.layers):
-        if not layer.is_initialized:
-            continue
-        keys, values = layer.keys[..., :start, :], layer.values[..., :start, :]
-        tail = saved[i] if i < len(saved) else None
-        if tail is not None:
-            keys, values = torch.cat([keys, tail[0]], dim=-2), torch.cat([values, tail[1]], dim=-2)
-        layer.keys, layer.values = keys, values
 
 
 # -- saving a GGUF-loaded model -----------------------------------------------------------

@@ -101,15 +101,25 @@ def _dtype_name(dtype: np.dtype) -> str:
 
 
 def error(
-    code: str, message: str, step: int | None = None, session: str | None = None, *, version: int | None = None
+    code: str,
+    message: str,
+    step: int | None = None,
+    session: str | None = None,
+    *,
+    version: int | None = None,
+    retry_after: float | None = None,
 ) -> bytes:
     """An error reply: typed code and a human message, never a traceback.
 
     `version` is the peer's, when its frame was refused for speaking another one: the reply is
     written in it if its error frames look like ours (ERROR_READABLE_BY), else in ours.
+    `retry_after` (seconds) comes with a `busy` refusal: when the same request may succeed.
     """
     version = version if version in ERROR_READABLE_BY else VERSION
-    return encode({"op": "error", "session": session, "step": step, "code": code, "message": message}, version=version)
+    header = {"op": "error", "session": session, "step": step, "code": code, "message": message}
+    if retry_after is not None:
+        header["retry_after"] = retry_after
+    return encode(header, version=version)
 
 
 # ---------------------------------------------------------------------------- decode

@@ -1,5 +1,7 @@
 """The cloud's session logic, frame in -> frame out, without sockets."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -14,7 +16,28 @@ from splitinfer.parts import load_cloud
 def core(tiny_llama):
     split = Split(6)
     span, config, _ = load_cloud(tiny_llama, split, "cpu", torch.float32)
-    return CloudCore(span, config, "cpu", torch.float32, Limits(max_sessions=2, max_context=32, max_step_tokens=8))
+    c = CloudCore(span, config, "cpu", torch.float32, Limits(max_sessions=2, max_context=32, max_step_tokens=8))
+    yield c
+    c.close()
+
+
+@contextlib.contextmanager
+def overflowing(core):
+    """The cloud layers' output no longer fits in float16 (the last MLP's output scaled up) while inside."""
+    weight = core.span.layers[-1].mlp.down_proj.weight
+    kept = weight.detach().clone()
+    with torch.no_grad():
+        weight.mul_(1e6)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            weight.copy_(kept)
+
+
+def entries(cache):
+    """Every layer's (keys, values) of the cache's entries, copied."""
+    return [(k[:, :, : cache.length].clone(), v[:, :, : cache.length].clone()) for k, v in zip(cache.keys, cache.values)]
 
 
 def ask(core, conn, header, tensors=None):
@@ -125,7 +148,7 @@ def test_limits(core):
     a = open_session(core)
     open_session(core)
     r = ask(core, 1, {"op": "open", "session": None, "step": 0})
-    assert r.op == "error" and r.header["code"] == "limit"  # max_sessions=2
+    assert r.op == "error" and r.header["code"] == "busy" and r.header["retry_after"] > 0  # max_sessions=2
     assert fwd(core, a, 1, 9).header["code"] == "limit"  # max_step_tokens=8
     for step in range(1, 5):
         fwd(core, a, step, 8)
@@ -153,15 +176,13 @@ def test_a_refused_overflow_undoes_the_edits_that_rode_on_it(core):
     fwd(core, sid, 1, 4)
     fwd(core, sid, 2, 3, mask=[[1, 0, 0], [1, 1, 0], [1, 0, 1]])  # a small tree at 4..6
     session = core.sessions[sid]
-    before = [(layer.keys.clone(), layer.values.clone()) for layer in session.cache.layers if layer.is_initialized]
+    before = entries(session.cache)
     edits = [{"op": "relocate", "start": 4, "indices": [4, 6]}]
 
-    real = core.span
-    core.span = lambda *args: real(*args) * 1e6  # the layers' output no longer fits in float16
-    refused = fwd(core, sid, 3, 2, edits=edits, seed=1)
-    core.span = real
+    with overflowing(core):
+        refused = fwd(core, sid, 3, 2, edits=edits, seed=1)
     assert refused.op == "error" and refused.header["code"] == "overflow"
-    after = [(layer.keys, layer.values) for layer in session.cache.layers if layer.is_initialized]
+    after = entries(session.cache)
     assert session.length == 7 and len(after) == len(before)
     for (k0, v0), (k1, v1) in zip(before, after):
         assert torch.equal(k0, k1) and torch.equal(v0, v1)
@@ -178,10 +199,8 @@ def test_a_refused_overflow_undoes_the_edits_that_rode_on_it(core):
 
 def test_a_refused_first_forward_leaves_an_empty_cache(core):
     sid = open_session(core)
-    real = core.span
-    core.span = lambda *args: real(*args) * 1e6
-    assert fwd(core, sid, 1, 3).header["code"] == "overflow"
-    core.span = real
+    with overflowing(core):
+        assert fwd(core, sid, 1, 3).header["code"] == "overflow"
     assert core.sessions[sid].length == 0
     assert fwd(core, sid, 2, 3).header["cache_len"] == 3
 

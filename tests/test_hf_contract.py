@@ -181,6 +181,42 @@ def test_a_registered_attention_is_used_and_the_switch_is_read_on_each_call(mode
     assert len(calls) == layers  # switched back: the same modules no longer call it
 
 
+def test_the_attention_function_gets_the_caches_return_and_the_mask_untouched(model):
+    """What the cloud's batched passes rely on (cloud/batch.py): whatever `cache.update` returns and whatever
+    object is passed as the mask reach the registered attention function as they are, and its output
+    [batch, q, heads, head_dim] goes on through the output projection."""
+    seen = []
+    key_token, value_token, mask_token = object(), object(), object()
+
+    class Passing:
+        def update(self, key, value, layer_idx, *args, **kwargs):
+            self.block = (key, value)
+            return key_token, value_token
+
+    cache = Passing()
+
+    def probe(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+        seen.append((key, value, attention_mask))
+        k, v = cache.block
+        return hf.sdpa_attention(module, query, k, v, None, dropout, scaling, **kwargs)
+
+    hf.register_attention("splitinfer_contract_passing", probe)
+    parts = hf.decoder_parts(model)
+    positions, mask = chain_inputs(0, 1)
+    cos, sin = hf.rope(parts.rotary, positions, torch.float32)
+    hidden = torch.randn(1, 1, model.config.hidden_size)
+    try:
+        hf.set_attention(model.config, "splitinfer_contract_passing")
+        with torch.inference_mode():
+            out = hf.call_layer(parts.layers[0], hidden, mask_token, cos, sin, cache)
+    finally:
+        hf.set_attention(model.config, "sdpa")
+    assert len(seen) == 1 and all(a is b for a, b in zip(seen[0], (key_token, value_token, mask_token)))
+    with torch.inference_mode():
+        expected = hf.call_layer(parts.layers[0], hidden, mask, cos, sin, hf.new_cache())
+    torch.testing.assert_close(out, expected)
+
+
 # -- the cache ---------------------------------------------------------------------------
 
 
@@ -231,31 +267,6 @@ def test_relocate_rejects_bad_edits(start, indices):
     with pytest.raises(ValueError):
         hf.relocate(cache, start, indices)
     assert entries(cache) == list(range(8))
-
-
-def test_restore_tail_undoes_edits_and_growth_exactly():
-    cache = filled_cache(8)
-    before = [(layer.keys.clone(), layer.values.clone()) for layer in cache.layers if layer.is_initialized]
-    saved = hf.save_tail(cache, 4)
-    hf.relocate(cache, 4, [5, 7])
-    more = torch.full((1, 2, 3, 4), -1.0)
-    for layer in (0, 3):  # the failed step's own entries
-        cache.update(more, more, layer)
-    hf.restore_tail(cache, 4, saved)
-    assert hf.cache_length(cache) == 8
-    after = [(layer.keys, layer.values) for layer in cache.layers if layer.is_initialized]
-    for (k0, v0), (k1, v1) in zip(before, after, strict=True):
-        assert torch.equal(k0, k1) and torch.equal(v0, v1)
-
-
-def test_restore_tail_empties_the_layers_a_failed_first_step_created():
-    cache = hf.new_cache()
-    saved = hf.save_tail(cache, 0)
-    filled = filled_cache(3)
-    for i in (0, 3):
-        cache.update(filled.layers[i].keys, filled.layers[i].values, i)
-    hf.restore_tail(cache, 0, saved)
-    assert hf.cache_length(cache) == 0
 
 
 # -- saving a GGUF-loaded model ----------------------------------------------------------

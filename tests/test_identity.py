@@ -266,7 +266,7 @@ V1_OPEN = b'{"v":1,"op":"open","session":null,"step":0,"tensors":[]}'
 
 def test_the_server_answers_a_version_1_frame_in_version_1(tiny_server):
     held = len(tiny_server.core.sessions)
-    reply = tiny_server._reply(1, len(V1_OPEN).to_bytes(4, "big") + V1_OPEN)
+    reply = tiny_server._reply(1, len(V1_OPEN).to_bytes(4, "big") + V1_OPEN).result(timeout=30)
     frame = protocol.decode(reply, replies=True, version=1)
     assert frame.op == "error" and frame.header["code"] == "version"
     assert len(tiny_server.core.sessions) == held  # refused: no session opened

@@ -63,8 +63,12 @@ def test_limits_follow_the_memory_available(default_geometry):
     assert 1 <= small.limits.max_sessions < large.limits.max_sessions <= memory.MAX_DERIVED_SESSIONS
     for b in (small, large):
         usable = memory.MEMORY_SHARE * b.available - b.per_step
-        # sessions and connections together stay inside the usable share of the memory
-        assert b.limits.max_sessions * b.per_session + b.max_connections * b.per_connection <= usable
+        # every reservable cache entry (with its growth) and the connections stay inside the usable share
+        pool = b.limits.max_cache_tokens * memory.SESSION_GROWTH * memory.cache_bytes(default_geometry, 1)
+        assert pool + b.max_connections * b.per_connection <= usable
+        assert b.limits.max_cache_tokens >= b.limits.max_context  # at least one full session
+        assert b.limits.max_sessions == min(memory.MAX_DERIVED_SESSIONS,
+                                            b.limits.max_cache_tokens // memory.SMALL_SESSION)
         assert b.max_connections <= 4 * b.limits.max_sessions
         assert b.limits.max_frame_bytes == memory.frame_bytes(default_geometry, 8192, 512)
     assert "sessions" in large.describe() and "GiB available" in large.describe()
@@ -78,7 +82,8 @@ def test_explicit_limits_are_kept(default_geometry):
 
 def test_a_tiny_machine_still_gets_one_session(default_geometry):
     b = memory.derive_limits(default_geometry, Limits(), available=64 << 20)
-    assert b.limits.max_sessions == 1 and b.max_connections >= 2
+    # room for one session at max_context (or several that reserve less), and connections to reach it
+    assert b.limits.max_cache_tokens == b.limits.max_context and b.limits.max_sessions >= 1 and b.max_connections >= 2
 
 
 def test_one_connection_cannot_take_every_session_slot(tiny_llama):

@@ -4,12 +4,16 @@ A cloud server's defaults must fit the machine it runs on, so `derive_limits`
 sizes them from the memory available when it starts (after its layers are
 loaded):
 
-    usable        = MEMORY_SHARE x available
-    per session   = SESSION_GROWTH x cache(max_context)  +  one step's working memory
-    per frame     = the largest legal forward frame (header + hidden + cos + sin + full mask)
-    per conn.     = FRAMES_PER_CONNECTION x per frame
-    max_sessions  = SESSION_SHARE x usable / per session          (at most 256)
-    max_conns     = min((1 - SESSION_SHARE) x usable / per conn., 4 x max_sessions)
+    usable           = MEMORY_SHARE x available  -  one pass's working memory
+    max_cache_tokens = SESSION_SHARE x usable / (SESSION_GROWTH x cache(1 entry))
+    max_sessions     = max_cache_tokens / SMALL_SESSION                   (at most 256)
+    per frame        = the largest legal forward frame (header + hidden + cos + sin + full mask)
+    per conn.        = FRAMES_PER_CONNECTION x per frame
+    max_conns        = min((1 - SESSION_SHARE) x usable / per conn., 4 x max_sessions)
+
+A session reserves its `max_length` entries (by default max_context) out of
+max_cache_tokens when it opens, and is refused `busy` when they are taken
+(sessions.py): memory, not a count, decides who gets in.
 
 `benchmarks/memory.py` measures the two constants on a real cloud process, and
 tests/test_memory.py checks that the measurements stay under them.  Nothing here
@@ -32,10 +36,11 @@ from ..protocol import MAX_HEADER_BYTES
 
 log = logging.getLogger(__name__)
 
-# A DynamicCache grows by concatenation: each step allocates every layer's keys and values anew, and the
-# allocator keeps some freed smaller copies, so a session filled to n tokens holds more than its cache
-# (benchmarks/memory.py measures the ratio on the default model; docs/security.md renders it).
-SESSION_GROWTH = 2.5
+# A session's cache grows in place (cache.py) but is copied when it outgrows its buffers, at least doubling:
+# the last growth to max_length briefly holds half of it twice (benchmarks/memory.py measures the ratio on a
+# real cloud process; docs/security.md renders it).
+SESSION_GROWTH = 1.5
+SMALL_SESSION = 1024  # entries: the session count stops where the pool is full of sessions this short
 # Frames one connection can make the server hold: the assembler's queue (the server's max_queue, 2), the
 # frame being read off the socket, the frame in work, and its reply (measured ~4.7 before the queue was
 # bounded this way; tests/test_memory.py measures it).
@@ -78,16 +83,16 @@ def cache_bytes(g: Geometry, tokens: int) -> int:
     return tokens * g.layers * 2 * g.kv_heads * g.head_dim * g.dtype_bytes
 
 
-def step_bytes(g: Geometry, max_context: int, max_step_tokens: int) -> int:
-    """Working memory of the largest forward (one at a time: compute is serialised).
+def step_bytes(g: Geometry, max_context: int, max_step_tokens: int, max_batch_tokens: int | None = None) -> int:
+    """Working memory of the largest pass (one at a time), its attention computed one session at a time.
 
-    Attention scores and their softmax for every head over the whole context, in float32, the step's
-    masks, and the MLP's activations for its rows.
+    Attention scores and their softmax for every head over the whole context, in float32, for the largest
+    forward; the masks of every row in the pass; the MLP's activations for every row in the pass.
     """
-    q = max_step_tokens
+    q, rows = max_step_tokens, max(max_step_tokens, max_batch_tokens or 0)
     attention = 2 * g.heads * q * max_context * 4
-    masks = q * max_context * (1 + 1 + 4)  # the frame's bool mask, its copy, the additive float32 mask
-    mlp = 3 * q * g.intermediate_size * g.dtype_bytes
+    masks = rows * max_context * (1 + 1 + 4)  # the frame's bool mask, its copy, the additive float32 mask
+    mlp = 3 * rows * g.intermediate_size * g.dtype_bytes
     return attention + masks + mlp
 
 
@@ -148,13 +153,15 @@ class Budget:
     def describe(self) -> str:
         gib, mib = 2.0**30, 2.0**20
         lim = self.limits
+        pool = "unbounded" if lim.max_cache_tokens is None else f"{lim.max_cache_tokens}"
         return (
-            f"memory: {self.available / gib:.1f} GiB available at start; per session at {lim.max_context} tokens "
-            f"<= {self.per_session / mib:.0f} MiB ({SESSION_GROWTH:g} x cache), one step's working memory "
-            f"<= {self.per_step / mib:.0f} MiB, per connection <= {self.per_connection / mib:.0f} MiB "
-            f"({FRAMES_PER_CONNECTION} frames x {self.per_frame / mib:.1f} MiB); limits: {lim.max_sessions} sessions "
-            f"({lim.max_sessions_per_connection} per connection), {self.max_connections} connections, frames up to "
-            f"{lim.max_frame_bytes / mib:.1f} MiB (docs/security.md, 'Memory')"
+            f"memory: {self.available / gib:.1f} GiB available at start; cache entries all sessions may reserve: "
+            f"{pool} (a session at {lim.max_context} tokens <= {self.per_session / mib:.0f} MiB, {SESSION_GROWTH:g} x "
+            f"cache), one pass's working memory <= {self.per_step / mib:.0f} MiB, per connection <= "
+            f"{self.per_connection / mib:.0f} MiB ({FRAMES_PER_CONNECTION} frames x {self.per_frame / mib:.1f} MiB); "
+            f"limits: {lim.max_sessions} sessions ({lim.max_sessions_per_connection} per connection), "
+            f"{self.max_connections} connections, frames up to {lim.max_frame_bytes / mib:.1f} MiB "
+            f"(docs/security.md, 'Memory')"
         )
 
 
@@ -163,23 +170,27 @@ def derive_limits(
     requested: Limits,
     *,
     max_sessions: int | None = None,
+    max_cache_tokens: int | None = None,
     max_connections: int | None = None,
     max_frame_bytes: int | None = None,
     available: int | None = None,
+    max_batch_tokens: int | None = None,
 ) -> Budget:
     """Fill the limits left as None from the memory available (see the module docstring for the formula)."""
     available = available_bytes() if available is None else available
     ctx, q = requested.max_context, requested.max_step_tokens
-    per_session, per_step = session_bytes(g, ctx), step_bytes(g, ctx, q)
+    per_session, per_step = session_bytes(g, ctx), step_bytes(g, ctx, q, max_batch_tokens)
     per_frame = max_frame_bytes or frame_bytes(g, ctx, q)
     per_connection = connection_bytes(per_frame)
     usable = max(0, MEMORY_SHARE * available - per_step)
+    if max_cache_tokens is None:  # at least one session of max_context: a tiny machine still serves one
+        max_cache_tokens = max(ctx, math.floor(SESSION_SHARE * usable / (SESSION_GROWTH * cache_bytes(g, 1))))
     if max_sessions is None:
-        max_sessions = max(1, min(MAX_DERIVED_SESSIONS, math.floor(SESSION_SHARE * usable / per_session)))
+        max_sessions = max(1, min(MAX_DERIVED_SESSIONS, max_cache_tokens // SMALL_SESSION))
     if max_connections is None:
         by_memory = math.floor((1 - SESSION_SHARE) * usable / per_connection)
         max_connections = max(2, min(by_memory, 4 * max_sessions))
-    limits = replace(requested, max_sessions=max_sessions, max_frame_bytes=per_frame)
+    limits = replace(requested, max_sessions=max_sessions, max_cache_tokens=max_cache_tokens, max_frame_bytes=per_frame)
     return Budget(limits, max_connections, available, per_session, per_step, per_frame, per_connection)
 
 

@@ -1,10 +1,11 @@
 """The cloud server's sockets: a websockets endpoint for frames and a Flask app for /health.
 
-The WebSocket side is asyncio; each frame is decoded and computed in a worker
-thread (CloudCore's lock serialises compute), so the event loop keeps accepting
-and answering other connections.  One connection has at most one frame in
-work and a short queue behind it, so a peer that floods competes for the
-compute like any other connection, and its backlog costs bounded memory.
+The WebSocket side is asyncio; each frame is decoded and checked in a worker
+thread and its forward queued for CloudCore's scheduler, which computes every
+waiting session's rows in one pass (sessions.py), so the event loop keeps
+accepting and answering other connections.  One connection has at most one
+frame in work and a short queue behind it, so a peer that floods gets rows in
+the passes like any other connection, and its backlog costs bounded memory.
 
 Security (see docs/security.md): with a token, the WebSocket handshake needs
 `Authorization: Bearer <token>` (compared in constant time) or is refused with
@@ -27,6 +28,7 @@ import ipaddress
 import itertools
 import logging
 import threading
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +38,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
 from .. import protocol
+from ..config import Batching
 from ..protocol import ProtocolError
 from ..webserver import HttpLimits, RateLimitedLog, create_http_server, raise_open_file_limit
 from .admission import (
@@ -171,8 +174,8 @@ class CloudServer:
                 except TimeoutError:
                     await ws.close(1000, "idle")
                     break
-                reply = await asyncio.to_thread(self._reply, conn, message)
-                await ws.send(reply)
+                pending = await asyncio.to_thread(self._reply, conn, message)
+                await ws.send(await asyncio.wrap_future(pending))
         except ConnectionClosed:
             pass
         finally:
@@ -180,24 +183,26 @@ class CloudServer:
             dropped = await asyncio.to_thread(self.core.drop_connection, conn)
             log.info("connection %d closed (%s), %d session(s) dropped", conn, _close_reason(ws), dropped)
 
-    def _reply(self, conn: int, message: bytes | str) -> bytes:
-        """One message -> one reply frame, whatever the message holds; never raises."""
+    def _reply(self, conn: int, message: bytes | str) -> Future:
+        """One message -> the future of one reply frame, whatever the message holds; never raises."""
         if isinstance(message, str):
-            return protocol.error("bad_frame", "frames are binary messages, not text")
+            return _answered(protocol.error("bad_frame", "frames are binary messages, not text"))
         try:
             frame = protocol.decode(message, max_frame_bytes=self.core.limits.max_frame_bytes)
         except ProtocolError as exc:
             # A peer of another protocol version is answered in its own, so that it can read why.
-            return protocol.error(exc.code, exc.message, version=exc.peer_version)
+            return _answered(protocol.error(exc.code, exc.message, version=exc.peer_version))
         except (RecursionError, MemoryError, ValueError, TypeError, OverflowError) as exc:  # JSON nested too deep
             log.info("connection %d sent an undecodable frame: %s", conn, type(exc).__name__)
-            return protocol.error("bad_header", "the header could not be parsed")
+            return _answered(protocol.error("bad_header", "the header could not be parsed"))
         try:
-            return self.core.handle(conn, frame)
+            return self.core.submit(conn, frame)
         except Exception:  # a bug must not take other sessions down, nor leak a traceback to the peer
             log.exception("internal error on connection %d", conn)
             step = frame.header.get("step")
-            return protocol.error("internal", "the server failed on this frame", step if isinstance(step, int) else None)
+            return _answered(
+                protocol.error("internal", "the server failed on this frame", step if isinstance(step, int) else None)
+            )
 
     async def _expiry_loop(self) -> None:
         while True:
@@ -279,10 +284,31 @@ class CloudServer:
         threading.Thread(target=web.run, name="health", daemon=True).start()
         log.info("cloud server: health on http://%s:%d/health (idle connections closed after %d s), frames on "
                  "ws://%s:%d", host, http_port, http_idle_timeout, host, ws_port)
+        serve = self.serve_ws(host, ws_port, pending_cap=descriptors.pending_handshakes)
         try:
-            asyncio.run(self.serve_ws(host, ws_port, pending_cap=descriptors.pending_handshakes))
+            if self.core.has_passes_thread:
+                asyncio.run(serve)
+            else:  # the passes in this thread, the one that loaded the layers (CloudCore.serve_passes says why)
+                self._frames_beside_passes(serve)
         finally:
             web.close()
+
+    def _frames_beside_passes(self, serve) -> None:
+        """The WebSocket side in a thread of its own while this thread runs the passes; either ending ends both."""
+        failed: list[BaseException] = []
+
+        def frames() -> None:
+            try:
+                asyncio.run(serve)
+            except BaseException as exc:  # e.g. the port is taken: the main thread re-raises it
+                failed.append(exc)
+            finally:
+                self.core.close()
+
+        threading.Thread(target=frames, name="frames", daemon=True).start()
+        self.core.serve_passes()
+        if failed:
+            raise failed[0]
 
     def _share_descriptors(self) -> Descriptors:
         """Raise the open-file limit and share it out (admission.py); lowers max_connections if it must."""
@@ -299,6 +325,12 @@ class CloudServer:
         raised = f" (soft limit raised from {before})" if descriptors.limit != before else ""
         log.info("descriptors: %s%s", descriptors.describe(), raised)
         return descriptors
+
+
+def _answered(reply: bytes) -> Future:
+    done: Future = Future()
+    done.set_result(reply)
+    return done
 
 
 def _warn_if_exposed(host: str, token: str | None) -> None:
@@ -338,9 +370,15 @@ def build(
     kernels: str = "auto",
     *,
     max_sessions: int | None = None,
+    max_cache_tokens: int | None = None,
     max_frame_bytes: int | None = None,
+    batching: Batching = Batching(),
+    passes_thread: bool = True,
 ) -> CloudServer:
     """Load the cloud's layers (and nothing else) and wrap them in a server.
+
+    With `passes_thread` False the passes run in the thread that calls CloudServer.run (the cloud command's
+    main thread, which loaded the layers); else in a thread of their own, for callers that serve_ws themselves.
 
     `limits` holds the bounds the user set; sessions, connections and the frame size left as None are
     derived from the memory available once the layers are loaded (cloud/memory.py).
@@ -377,11 +415,15 @@ def build(
         Geometry.of(config, len(split.cloud_layers), torch_dtype),
         limits,
         max_sessions=max_sessions,
+        max_cache_tokens=max_cache_tokens,
         max_connections=max_connections,
         max_frame_bytes=max_frame_bytes,
+        max_batch_tokens=batching.max_batch_tokens,
     )
     log.info("%s", budget.describe())
-    core = CloudCore(span, config, device, torch_dtype, budget.limits, identity)
+    log.info("batching: prompts in chunks of %d rows, at most %d rows in one pass", batching.prefill_chunk,
+             batching.max_batch_tokens)
+    core = CloudCore(span, config, device, torch_dtype, budget.limits, identity, batching, passes_thread)
     info = ServerInfo(
         model=str(model_dir),
         layers=list(split.cloud_layers),

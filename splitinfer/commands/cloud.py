@@ -11,11 +11,12 @@ import logging
 from pathlib import Path
 
 from ..cli import TOKEN_ENV, HelpFormatter, add_model_args, add_split_args, fail, model_problem, read_token, setup
-from ..config import HTTP_PORT, WS_PORT, Limits
+from ..config import HTTP_PORT, WS_PORT, Batching, Limits
 from ..webserver import HttpLimits
 
 POSITIVE = ("max_sessions", "max_sessions_per_connection", "max_context", "max_step_tokens", "max_frame_mb",
-            "idle_timeout", "max_connections", "http_idle_timeout")
+            "idle_timeout", "max_connections", "http_idle_timeout", "max_cache_tokens", "prefill_chunk",
+            "max_batch_tokens")
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -54,6 +55,19 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--max-frame-mb", type=float, default=None,
                    help="largest frame accepted, MiB (default: the largest legal forward at --max-context and "
                    "--max-step-tokens)")
+    g.add_argument("--max-cache-tokens", type=int, default=None,
+                   help="cache entries all sessions together may reserve; each reserves its max_length (at most "
+                   "--max-context) when it opens, and beyond this a new session is answered `busy` with a retry "
+                   "hint (default: from memory)")
+    b, dflt = p.add_argument_group("batching", "every waiting session's step runs in one pass (docs/batching.md)"), Batching()
+    b.add_argument("--prefill-chunk", type=int, default=dflt.prefill_chunk,
+                   help="rows a prompt contributes to one pass: a longer prompt goes in chunks between the other "
+                   "sessions' steps (smaller: their steps wait less; larger: the prompt finishes in fewer passes)")
+    b.add_argument("--max-batch-tokens", type=int, default=dflt.max_batch_tokens,
+                   help="rows in one pass, all sessions together; bounds a pass's memory and latency")
+    b.add_argument("--gather-ms", type=float, default=dflt.gather_ms,
+                   help="when fewer sessions wait than the last pass held, wait up to this long for the rest "
+                   "before starting a pass (0: start at once)")
     p.add_argument("--http-idle-timeout", type=int, default=HttpLimits().idle_timeout,
                    help="seconds an HTTP connection may sit idle or take to send its request before it is closed")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -63,6 +77,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
     p = build_parser(prog)
     args = p.parse_args(argv)
+    if args.gather_ms < 0:
+        p.error("--gather-ms must be 0 or more")
     for name in POSITIVE:
         value = getattr(args, name)
         if value is not None and not value > 0:
@@ -93,6 +109,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             args.model, args.cloud_start, args.cloud_end, args.device, args.dtype, limits, args.ws_port,
             token, args.max_connections, args.kernels,
             max_sessions=args.max_sessions,
+            max_cache_tokens=args.max_cache_tokens,
+            batching=Batching(args.prefill_chunk, args.max_batch_tokens, args.gather_ms),
+            passes_thread=False,  # server.run computes in this thread, which loads the layers
             max_frame_bytes=None if args.max_frame_mb is None else int(args.max_frame_mb * 2**20),
         )
     except ModelError as exc:

@@ -8,13 +8,13 @@ import statistics
 from typing import Any
 
 from . import prompts as prompt_sets
-from .registry import DECODING, PROMPTS, ROOT, differences, f2, load, markdown_table, produced_by, recomputed, source, table, values
+from .registry import CLOUD_COMPUTE, DECODING, PROMPTS, ROOT, differences, f2, load, markdown_table, produced_by, recomputed, source, table, values
 
 NAME = "lookahead_ablation"
 CATEGORIES = ["all", "code", "structured", "conversational", "creative"]
 
 produced_by("ablation", outputs=[NAME],
-            code=["lookahead_ablation.py", "splitinfer/experiments/ablation.py", *DECODING, *PROMPTS])
+            code=["lookahead_ablation.py", "splitinfer/experiments/ablation.py", *DECODING, *PROMPTS, *CLOUD_COMPUTE])
 
 
 def summarise(rows: list[dict]) -> dict[str, Any]:

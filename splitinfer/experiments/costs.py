@@ -3,11 +3,12 @@ their tables and values in the documents."""
 
 from __future__ import annotations
 
-from .registry import PROMPTS, SPLIT_NUMERICS, f2, load, markdown_table, pct, produced_by, source, table, values
+from .registry import CLOUD_COMPUTE, PROMPTS, SPLIT_NUMERICS, f2, load, markdown_table, pct, produced_by, source, table, values
 
-produced_by("overhead", outputs=["split_overhead"], code=["benchmarks/split_overhead.py", *SPLIT_NUMERICS, *PROMPTS])
+produced_by("overhead", outputs=["split_overhead"],
+            code=["benchmarks/split_overhead.py", *SPLIT_NUMERICS, *PROMPTS, *CLOUD_COMPUTE])
 produced_by("step-cost", outputs=["step_cost", "gpu/step_cost"],
-            code=["benchmarks/step_cost.py", "splitinfer/experiments/testbed.py", *SPLIT_NUMERICS])
+            code=["benchmarks/step_cost.py", "splitinfer/experiments/testbed.py", *SPLIT_NUMERICS, *CLOUD_COMPUTE])
 produced_by("memory", outputs=["memory"],
             code=["benchmarks/memory.py", "splitinfer/cloud/memory.py", "splitinfer/cloud/sessions.py", "splitinfer/hf.py",
                   "splitinfer/kv.py"])
@@ -117,3 +118,36 @@ def first_hour_value(prefix: str, what: str) -> str:
         "tests_passed": lambda: str(tests["counts"].get("passed", 0)),
         "help_max": lambda: f"{max(d['help_seconds'].values()):.2f}",
     }[what]()
+
+
+@table("load")
+def load_table() -> str:
+    """Sessions on one cloud (benchmarks/load.py): throughput and cloud step latency as sessions are added."""
+    d = load("load")
+    rows = [[str(p["sessions"]), f"{p['rtt_ms']:g}", f2(p["aggregate_tokens_per_second"]),
+             f2(p["per_session_tokens_per_second"]), f"{p['step_ms_p50']:.0f}", f"{p['step_ms_p99']:.0f}",
+             f"{p['mean_sessions_per_pass']:.1f}", "yes" if p["replies_within_float16_rounding"] else "**no**"]
+            for p in d["sweep"]]
+    text = markdown_table(["sessions", "RTT, ms", "tokens/s, all", "tokens/s, per session", "step p50, ms",
+                           "step p99, ms", "sessions per pass", "replies as solo"], rows)
+    s = d["settings"]
+    text += (f"\n\n{s['mode'].capitalize()} generations of {s['max_new_tokens']} tokens, recorded once and replayed "
+             f"(frames only, no local compute) by one load generator; the cloud ran {s['cloud_threads']} torch "
+             f"thread(s) in {s['dtype']}.  Step latency is send to reply with the emulated RTT left out.")
+    return text + source("load")
+
+
+@values("load")
+def load_value(prefix: str, what: str) -> str:
+    """load.x<N>_rtt<R> (throughput ratio, N sessions against one) / load.lat<N>_rtt<R> (step p50 ratio) /
+    load.tps<N>_rtt<R> (aggregate tokens/s) / load.all_as_solo (yes or no)."""
+    d = load("load")
+    if what == "all_as_solo":
+        return "yes" if all(p["replies_within_float16_rounding"] for p in d["sweep"]) else "no"
+    kind, _, rest = what.partition("_rtt")
+    key, n = kind.rstrip("0123456789"), int(kind[len(kind.rstrip("0123456789")):])
+    if key == "tps":
+        return f2(next(p["aggregate_tokens_per_second"] for p in d["sweep"]
+                       if p["sessions"] == n and p["rtt_ms"] == float(rest)))
+    h = next(h for h in d["headlines"] if h["sessions"] == n and h["rtt_ms"] == float(rest))
+    return f2(h["throughput_ratio"] if key == "x" else h["step_p50_ratio"])

@@ -36,6 +36,10 @@ DATA = ROOT / "experiment_data"
 SPLIT_NUMERICS = ("splitinfer/engine.py", "splitinfer/parts.py", "splitinfer/hf.py", "splitinfer/kv.py",
                   "splitinfer/masks.py", "splitinfer/kernels.py")
 DECODING = ("splitinfer/decoding", "splitinfer/drafting", "drafters")  # strategies, the draft head, its weights
+# What a real cloud process's step costs: its passes, caches and the threads they run in (a timing changes
+# with them even where the numbers computed do not; tests/test_batching.py checks those stay bitwise).
+CLOUD_COMPUTE = ("splitinfer/cloud/sessions.py", "splitinfer/cloud/batch.py", "splitinfer/cloud/cache.py",
+                 "splitinfer/cloud/server.py")
 PROMPTS = ("prompts", "splitinfer/prompts")  # the prompt sets, before and after they became package data
 
 Table = Callable[[], str]

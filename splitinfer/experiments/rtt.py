@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from . import prompts as prompt_sets
-from .registry import DECODING, PROMPTS, SPLIT_NUMERICS, differences, f2, load, markdown_table, pct, produced_by, recomputed, source, table, values
+from .registry import CLOUD_COMPUTE, DECODING, PROMPTS, SPLIT_NUMERICS, differences, f2, load, markdown_table, pct, produced_by, recomputed, source, table, values
 
 if TYPE_CHECKING:  # the testbed imports torch; the report reads this module's tables without it
     from .testbed import Bed
@@ -213,7 +213,7 @@ FILES = {"rtt": NAME, "gpu_rtt": f"gpu/{NAME}"}  # value prefixes: the CPU run, 
 
 produced_by("rtt", outputs=FILES.values(),
             code=["rtt_analysis.py", "splitinfer/experiments/rtt.py", "splitinfer/experiments/testbed.py",
-                  *SPLIT_NUMERICS, *DECODING, *PROMPTS])
+                  *SPLIT_NUMERICS, *DECODING, *PROMPTS, *CLOUD_COMPUTE])
 
 
 @recomputed(*FILES.values())

@@ -8,7 +8,7 @@ import statistics
 from typing import Any
 
 from . import MODEL_FREE
-from .registry import DECODING, PROMPTS, SPLIT_NUMERICS, differences, f2, load, markdown_table, pct, produced_by, recomputed, source, table, values
+from .registry import CLOUD_COMPUTE, DECODING, PROMPTS, SPLIT_NUMERICS, differences, f2, load, markdown_table, pct, produced_by, recomputed, source, table, values
 
 FILES = {"sbs": "wan_side_by_side", "gpu_sbs": "gpu/wan_side_by_side",  # value prefixes and their files
          "gpu_sbs_cpu_local": "gpu/wan_side_by_side_cpu_local",
@@ -16,14 +16,14 @@ FILES = {"sbs": "wan_side_by_side", "gpu_sbs": "gpu/wan_side_by_side",  # value 
 
 produced_by("side-by-side", outputs=FILES.values(),
             code=["benchmarks/wan_side_by_side.py", "splitinfer/experiments/testbed.py", *SPLIT_NUMERICS, *DECODING,
-                  *PROMPTS])
+                  *PROMPTS, *CLOUD_COMPUTE])
 
 
 WARM = {"warm_start": "warm_start", "warm_start_free": "warm_start_model_free"}  # value prefixes: with the drafter, without
 produced_by("warm-start", outputs=WARM.values(),
             code=["benchmarks/warm_start.py", "splitinfer/memory_file.py", "splitinfer/local.py",
                   "splitinfer/commands/chat.py", "splitinfer/experiments/testbed.py", *SPLIT_NUMERICS, *DECODING,
-                  *PROMPTS])
+                  *PROMPTS, *CLOUD_COMPUTE])
 
 
 def summarise(runs: dict[str, list[dict]], rtt_ms: float) -> tuple[dict[str, Any], float]:

@@ -241,6 +241,22 @@ class RemoteSpan:
             self._drop_connection()
 
 
+def open_when_free(conn, expected: Identity | None, timeout: float | None) -> tuple[str, dict[str, Any]]:
+    """`conn.open_raw`, asked again while the cloud answers `busy`, until `timeout` seconds have passed."""
+    deadline = time.monotonic() + (timeout or 0.0)
+    delay = _BACKOFF_FIRST_S
+    while True:
+        try:
+            return conn.open_raw(expected=expected)
+        except CloudError as exc:
+            wait = max(delay, exc.retry_after or 0.0) * random.uniform(0.8, 1.2)
+            if exc.code != "busy" or time.monotonic() + wait > deadline:
+                raise
+            log.info("the cloud is full (%s); asking again in %.1f s", exc.message, wait)
+            time.sleep(wait)
+            delay = min(2 * delay, _BACKOFF_MAX_S)
+
+
 @contextmanager
 def cloud_session(
     url: str,
@@ -253,12 +269,13 @@ def cloud_session(
 
     The session survives a lost connection or session (see RemoteSpan); the first
     connection, though, must succeed, so a wrong address or token fails at once.
-    `expected` (LocalSide.identity) is checked on the first session and on every
-    session a reconnect opens (see CloudConnection.open_raw).
+    A cloud that answers `busy` (its cache memory is reserved) is asked again
+    within `reconnect_timeout`.  `expected` (LocalSide.identity) is checked on the
+    first session and on every session a reconnect opens (see CloudConnection.open_raw).
     """
     conn = CloudConnection(url, token)
     try:
-        session, limits = conn.open_raw(expected=expected)
+        session, limits = open_when_free(conn, expected, reconnect_timeout)
         span = RemoteSpan(conn, session, limits, expected=expected, reconnect_timeout=reconnect_timeout)
         try:
             yield span

@@ -26,9 +26,10 @@ from ..protocol import ProtocolError
 class CloudError(RuntimeError):
     """The cloud refused a request or could not be reached; `code` is the protocol's error code."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, retry_after: float | None = None):
         super().__init__(f"cloud: {code}: {message}")
         self.code, self.message = code, message
+        self.retry_after = retry_after  # seconds, with `busy`: when the cloud expects to have room
 
 
 def ws_url(cloud: str, ws: str | None = None) -> str:
@@ -151,7 +152,9 @@ class CloudConnection:
             raise CloudError("bad_reply", exc.message) from None
         t3 = time.perf_counter()
         if frame.op == "error":
-            raise CloudError(str(frame.header.get("code", "error")), str(frame.header.get("message", "")))
+            hint = frame.header.get("retry_after")
+            raise CloudError(str(frame.header.get("code", "error")), str(frame.header.get("message", "")),
+                             float(hint) if isinstance(hint, (int, float)) and 0 <= hint <= 60 else None)
         if frame.step != header.get("step", 0) or (header.get("session") and frame.session != header["session"]):
             raise CloudError("bad_reply", f"a reply for step {frame.step!r} of another session or step")
         timing = WireTiming(
