@@ -133,7 +133,7 @@ class Batching:
     # Rows in one pass, all sessions together (a single forward larger than this still goes alone): bounds
     # a pass's activations and its latency when many prompts arrive at once.
     max_batch_tokens: int = 2048
-    # When the compute frees and fewer sessions wait than the last pass held, wait up to this long for the
-    # rest: their next frames are usually a loopback hop away, and a pass that misses them makes them wait a
-    # whole pass.  0 starts every pass at once with whatever is waiting.
+    # When the compute frees while sessions of the last two passes have not sent their next forward, wait up
+    # to this long for them: their frames are usually a loopback hop away, and a pass that misses them makes
+    # them wait a whole pass.  0 starts every pass at once with whatever is waiting.
     gather_ms: float = 2.0

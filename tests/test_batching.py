@@ -376,3 +376,40 @@ def test_a_real_cloud_process_batches_concurrent_connections(tiny_llama):
         for got, want in zip(outs, solo):
             np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=2e-3, atol=2e-3)
     assert any(b > 1 for _, batched in results.values() for b in batched)
+
+
+def test_a_closed_sessions_cache_is_freed_at_once_and_a_lone_session_never_waits(tiny_llama):
+    """Nothing keeps a closed session's buffers after its last pass; a lone session's passes start at once,
+    however long the gather window (it waits only for other sessions of the last two passes)."""
+    import gc
+    import weakref
+
+    core = make_core(tiny_llama, batching=Batching(gather_ms=5000.0))
+    try:
+        sid = opened(core)
+        t0 = time.monotonic()
+        for step in range(1, 6):
+            assert reply_of(core.submit(1, request(sid, step, 2, None, None, seed=step))).op == "result"
+        assert time.monotonic() - t0 < 4.0  # five passes, none of them waited out the 5 s window
+        buffer = weakref.ref(core.sessions[sid].cache.keys[0])
+        core.handle(1, frame({"op": "close", "session": sid, "step": 6}))
+        gc.collect()
+        assert buffer() is None
+    finally:
+        core.close()
+
+
+def test_sessions_that_fell_out_of_step_share_the_next_pass(tiny_llama):
+    """Two sessions that alternate (a, b, a, b) are gathered into one pass once each has sent its step."""
+    core = make_core(tiny_llama, batching=Batching(gather_ms=5000.0))
+    try:
+        a, b = opened(core, conn=1), opened(core, conn=2)
+        assert reply_of(core.submit(1, request(a, 1, 1, None, None, seed=1))).op == "result"
+        assert reply_of(core.submit(2, request(b, 1, 1, None, None, seed=2))).op == "result"
+        first = core.submit(1, request(a, 2, 1, None, None, seed=3))  # waits for b (seen in the last two passes)
+        time.sleep(0.2)
+        assert not first.done()
+        second = core.submit(2, request(b, 2, 1, None, None, seed=4))
+        assert reply_of(first).header["batched"] == reply_of(second).header["batched"] == 2
+    finally:
+        core.close()

@@ -297,16 +297,20 @@ class CloudCore:
                     chosen = self._choose()
                 if chosen:
                     self._run(chosen)
+                del chosen  # a closed session's cache must not outlive its last pass here
 
     def _gather(self) -> None:
-        """Wait (holding nothing but the condition) up to gather_ms for as many sessions as the last pass had."""
-        last = len(self.passes[-1]) if self.passes else 0
+        """Wait (holding nothing but the condition) up to gather_ms for the open sessions of the last two passes
+        that have not sent their next forward yet.  Two passes, because sessions that fell out of step
+        alternate (a, b, a, b ...) and would otherwise never share one; a lone session never waits."""
+        recent = {sid for p in self.passes[-2:] for sid, _ in p if sid in self.sessions}
         deadline = time.monotonic() + self.batching.gather_ms / 1000.0
-        while len(self._queue) < last and not self._stopped:
+        while not self._stopped and not recent <= {w.session.id for w in self._queue}:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
             self._work.wait(left)
+            recent &= self.sessions.keys()  # one that closed meanwhile is not coming back
 
     def _choose(self) -> list[tuple[_Forward, int]]:
         """The next pass: queued forwards in arrival order, each its next rows, within max_batch_tokens

@@ -66,8 +66,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     b.add_argument("--max-batch-tokens", type=int, default=dflt.max_batch_tokens,
                    help="rows in one pass, all sessions together; bounds a pass's memory and latency")
     b.add_argument("--gather-ms", type=float, default=dflt.gather_ms,
-                   help="when fewer sessions wait than the last pass held, wait up to this long for the rest "
-                   "before starting a pass (0: start at once)")
+                   help="when sessions of the last two passes have not sent their next step yet, wait up to "
+                   "this long for them before starting a pass (0: start at once; a lone session never waits)")
     p.add_argument("--http-idle-timeout", type=int, default=HttpLimits().idle_timeout,
                    help="seconds an HTTP connection may sit idle or take to send its request before it is closed")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
