@@ -23,17 +23,9 @@ from splitinfer.remote import CloudError
 from splitinfer.remote.recovery import open_when_free
 
 from conftest import cloud_identity
-from test_reliability import CoreLink, TinySide, span_on
+from test_reliability import CoreLink, TinySide, one_torch_thread, span_on  # noqa: F401 (an autouse fixture)
 
 H, D = 64, 16  # the tiny model's hidden size and head dim
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def make_core(model, kernels="torch", limits=None, batching=Batching()) -> CloudCore:
