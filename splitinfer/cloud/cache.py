@@ -45,9 +45,6 @@ class SessionCache:
     def capacity(self) -> int:
         return self.keys[0].shape[2] if self.keys else 0
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (*self.keys, *self.values))
-
     @torch.inference_mode()  # the buffers are inference tensors (made in a pass): edits must be too
     def ensure(self, needed: int, like: torch.Tensor) -> None:
         """Room for `needed` entries; `like` [1, kv_heads, q, head_dim] gives the shape, dtype and device."""
