@@ -27,6 +27,7 @@ from splitinfer.procs import cloud_process, free_port
 from splitinfer.serve import api, create_app
 from splitinfer.serve.guard import AccessPolicy, origin, split_host_header
 from splitinfer.serve.process import local_server_process
+from splitinfer.webserver import HttpLimits
 from test_serve import FakeTokenizer, fake_local
 
 MSG = [{"role": "user", "content": "hi"}]
@@ -154,10 +155,12 @@ class CountingTokenizer(FakeTokenizer):
 
     calls: list[tuple[float, float]]  # shared by copies: (start, end) of each call
     delay = 0.0
+    copied: list[float] = []  # when each copy was made (shared: reset it in a test that reads it)
 
     def __deepcopy__(self, memo: dict) -> "CountingTokenizer":
         twin = CountingTokenizer(self.special)
-        twin.calls, twin.delay = self.calls, self.delay  # one record of the calls of every copy
+        twin.calls, twin.delay, twin.copied = self.calls, self.delay, self.copied  # one record for all copies
+        self.copied.append(time.monotonic())
         return twin
 
     def get_vocab(self) -> dict[str, int]:
@@ -195,12 +198,18 @@ def test_a_prompt_too_long_by_its_characters_is_refused_without_tokenizing():
 
 def test_requests_tokenize_at_once_on_their_own_copies():
     tok = CountingTokenizer()
-    tok.calls, tok.delay = [], 0.3
+    tok.calls, tok.delay, tok.copied = [], 0.3, []
     app, service, _ = app_with(tokenizer=tok)
+    # One copy per worker thread, made with the app: a copy holds the GIL, and one made by a request's
+    # first use stalled every other request (/health too) while it was made.
+    made = len(tok.copied)
+    assert made == HttpLimits().threads
     copies = []
 
     def job() -> None:
-        copies.append(service.tokenizer())
+        with service.tokens.borrow() as tok:
+            copies.append(tok)
+            time.sleep(0.1)  # both hold theirs at once
         service.job(api.parse_completion({"prompt": "hello", "max_tokens": 2}))
 
     threads = [threading.Thread(target=job) for _ in range(2)]
@@ -211,6 +220,7 @@ def test_requests_tokenize_at_once_on_their_own_copies():
     (a0, a1), (b0, b1) = sorted(tok.calls)
     assert b0 < a1  # they overlapped: no lock between them
     assert copies[0] is not copies[1] and service.local.tokenizer not in copies
+    assert len(tok.copied) == made  # the requests copied nothing
 
 
 @pytest.mark.slow

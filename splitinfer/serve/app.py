@@ -129,6 +129,7 @@ def create_app(
         default_max_tokens=default_max_tokens,
         strategy_options=strategy_options,
         reconnect_timeout=reconnect_timeout,
+        tokenizer_copies=HttpLimits().threads,  # one per worker thread of serve(), made now
     )
     app = Flask("splitinfer.serve")
     app.json.sort_keys = False  # type: ignore[attr-defined]

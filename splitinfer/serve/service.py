@@ -40,6 +40,7 @@ class Service:
         strategy_options: dict[str, Any] | None = None,
         health_timeout: float = 3.0,
         reconnect_timeout: float | None = RECONNECT_TIMEOUT_S,
+        tokenizer_copies: int = 1,
     ):
         if mode not in STRATEGIES:
             raise ValueError(f"unknown decoding mode {mode!r}; known: {', '.join(sorted(STRATEGIES))}")
@@ -49,7 +50,9 @@ class Service:
         self.reconnect_timeout = reconnect_timeout  # 0/None: a lost cloud session fails the request at once
         self.created = int(time.time())
         context_limit: int | None = getattr(local.config, "max_position_embeddings", None)
-        self.tokens = Tokenization(local.tokenizer, local.config.vocab_size, context_limit, default_max_tokens)
+        self.tokens = Tokenization(
+            local.tokenizer, local.config.vocab_size, context_limit, default_max_tokens, tokenizer_copies
+        )
         self.generations = Generations(local, self.tokens.decode)
         http_url = cloud_http_url.rstrip("/") if cloud_http_url else None
         self._health = Health(local, self.model_name, cloud_ws_url, http_url, token, health_timeout)
@@ -63,9 +66,6 @@ class Service:
     @property
     def max_token_chars(self) -> int | None:
         return self.tokens.max_token_chars
-
-    def tokenizer(self) -> Any:
-        return self.tokens.tokenizer()
 
     def job(self, req: Request) -> Job:
         return self.tokens.job(req)

@@ -1,4 +1,4 @@
-"""Requests to prompt ids: tokenizing on per-thread tokenizers, and the context-length bound.
+"""Requests to prompt ids: tokenizing on pooled tokenizer copies, and the context-length bound.
 
 A prompt whose characters alone prove it too long is refused before it is tokenized
 (`check_length`), so a huge prompt costs no tokenizer time.
@@ -7,8 +7,9 @@ A prompt whose characters alone prove it too long is refused before it is tokeni
 from __future__ import annotations
 
 import copy
-import threading
-from collections.abc import Callable
+import queue
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,31 +45,43 @@ def normalizer(tokenizer: Any) -> Callable[[str], str]:
 
 
 class Tokenization:
-    """One server's tokenizer, copied once per worker thread, and the bounds a prompt must meet."""
+    """One server's tokenizer, lent out as copies, and the bounds a prompt must meet."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, context_limit: int | None, default_max_tokens: int):
+    def __init__(
+        self, tokenizer: Any, vocab_size: int, context_limit: int | None, default_max_tokens: int, copies: int = 1
+    ):
         self.shared, self.vocab_size = tokenizer, vocab_size
         self.context_limit, self.default_max_tokens = context_limit, default_max_tokens
         # A fast tokenizer must not be used by two threads at once, and a global lock around it let one
-        # huge prompt stall every request: each worker thread tokenizes with its own copy instead.
-        self._tokenizers = threading.local()
-        self._copy_lock = threading.Lock()  # held only while a thread makes its copy (~0.1 s, once)
+        # huge prompt stall every request, so each request borrows its own copy.  The copies are made
+        # here, one per worker thread: a copy holds the GIL (~0.1 s), and made on a request's first use
+        # it stalled every other request, /health included, for that long.
+        self._pool: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        for _ in range(copies):
+            self._pool.put(copy.deepcopy(tokenizer))
         self.max_token_chars = longest_token(tokenizer)
 
-    def tokenizer(self) -> Any:
-        """This thread's own copy of the tokenizer (made on first use), so threads never share one."""
-        tok = getattr(self._tokenizers, "tok", None)
-        if tok is None:
-            with self._copy_lock:
-                tok = copy.deepcopy(self.shared)
-            self._tokenizers.tok = tok
-        return tok
+    @contextmanager
+    def borrow(self) -> Iterator[Any]:
+        """A tokenizer copy no other thread uses until this block ends (a new one if all are lent)."""
+        try:
+            tok = self._pool.get_nowait()
+        except queue.Empty:  # more requests at once than copies made: one more copy, kept afterwards
+            tok = copy.deepcopy(self.shared)
+        try:
+            yield tok
+        finally:
+            self._pool.put(tok)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer().decode(ids, skip_special_tokens=True)
+        with self.borrow() as tok:
+            return tok.decode(ids, skip_special_tokens=True)
 
     def prompt_ids(self, req: Request) -> list[int]:
-        tok = self.tokenizer()
+        with self.borrow() as tok:
+            return self._prompt_ids(tok, req)
+
+    def _prompt_ids(self, tok: Any, req: Request) -> list[int]:
         if req.kind == "chat":
             assert req.messages is not None
             if tok.chat_template:
@@ -104,13 +117,14 @@ class Tokenization:
         """
         if isinstance(req.prompt, list) or self.max_token_chars is None:  # token ids are counted exactly, cheaply
             return 0, 0
-        normalize = normalizer(self.tokenizer())
-        if req.kind == "chat":
-            assert req.messages is not None
-            chars = sum(len(normalize(m["content"].strip())) for m in req.messages)
-        else:
-            assert isinstance(req.prompt, str)
-            chars = len(normalize(req.prompt))
+        with self.borrow() as tok:
+            normalize = normalizer(tok)
+            if req.kind == "chat":
+                assert req.messages is not None
+                chars = sum(len(normalize(m["content"].strip())) for m in req.messages)
+            else:
+                assert isinstance(req.prompt, str)
+                chars = len(normalize(req.prompt))
         return chars, -(-chars // self.max_token_chars)
 
     def check_length(self, req: Request, max_tokens: int) -> None:
