@@ -1,5 +1,6 @@
 # make demo         - start a cloud server on loopback and generate through it (default model)
 # make test         - the test suite (installs everything first); the 15 slowest tests are listed at the end
+# make test-big     - the seed's 7B shape on this machine (random weights, bfloat16, ~17 GB): split == unsplit
 # make experiments  - regenerate experiment_data/ and the figures
 # make experiments-gpu - the speed figures again on a GPU in float16, into experiment_data/gpu/
 # make drafter      - train the default model's draft head into drafters/smollm2-135m-instruct/ (~40 min on 2 cores)
@@ -8,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test experiments experiments-gpu drafter clean
+.PHONY: install demo test test-big experiments experiments-gpu drafter clean
 
 install: $(STAMP)
 
@@ -33,7 +34,11 @@ demo: $(STAMP)
 
 PYTEST_ARGS ?= -q --durations=15
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS) -m "not big"
+
+# The seed's 7B shape in bfloat16 with seeded random weights: split == unsplit, each side's memory (~5 min, 17 GB).
+test-big: $(STAMP)
+	$(PY) -m pytest -q -s -m big tests/test_big.py
 
 # The paper's data, with the settings the committed experiment_data/ was made with; each script
 # writes experiment_data/*.json with its provenance, then the README and paper numbers are re-rendered.

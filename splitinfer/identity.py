@@ -7,7 +7,8 @@ goes wrong, a few tokens later.  An `Identity` names what a cloud span is:
 * the architecture fingerprint: hidden size, attention heads, kv heads, head
   dim and the model's layer count;
 * the exact layer range, inclusive, as the command lines give it;
-* a digest of that range's weights, read straight from the safetensors files.
+* a digest of that range's weights, read straight from the safetensors files
+  (or, for weights drawn from a seed with --random-weights, of the seed).
 
 Both sides compute it from a model directory and a layer range with the same
 code, the cloud for what it loaded, the local side for what it expects, so
@@ -32,6 +33,7 @@ from typing import Any, BinaryIO, Protocol
 
 # The digest's definition; changing any of these changes every digest, so it is versioned by the wire protocol.
 DIGEST_DOMAIN = b"splitinfer-weights-digest-1\0"
+RANDOM_DOMAIN = b"splitinfer-random-weights-1\0"
 SAMPLE_WINDOWS = 16  # byte windows per tensor: first, last, and evenly spaced between
 WINDOW_BYTES = 64
 MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors library's own bound
@@ -116,8 +118,9 @@ def _is_int(value: Any, lo: int, hi: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
 
 
-def of_model(model_dir: Path, config: TextConfig, layers: range) -> Identity:
-    """The identity of `layers` of the model in `model_dir` (whose decoder config is `config`)."""
+def of_model(model_dir: Path, config: TextConfig, layers: range, seed: int | None = None) -> Identity:
+    """The identity of `layers` of the model in `model_dir` (whose decoder config is `config`); with `seed`,
+    of those layers drawn from it (models.RandomWeights) instead of read from the files."""
     if not layers:
         raise ValueError("an identity needs at least one layer")
     heads = config.num_attention_heads
@@ -130,8 +133,15 @@ def of_model(model_dir: Path, config: TextConfig, layers: range) -> Identity:
         num_layers=config.num_hidden_layers,
         first_layer=layers.start,
         last_layer=layers.stop - 1,
-        weights=weights_digest(model_dir, layers),
+        weights=weights_digest(model_dir, layers) if seed is None else random_digest(seed, layers),
     )
+
+
+def random_digest(seed: int, layers: range) -> str:
+    """The digest of `layers` drawn from `seed`: the draw is a function of (seed, tensor name) and the shapes
+    are in the fingerprint, so the seed and the layer range say everything about the values."""
+    body = json.dumps([seed, layers.start, layers.stop - 1], separators=(",", ":")).encode()
+    return hashlib.sha256(RANDOM_DOMAIN + body).hexdigest()
 
 
 # ---------------------------------------------------------------------------- the weights digest

@@ -92,21 +92,24 @@ class LocalSide:
         kernels: str = "auto",
         drafter: str | Path | None = None,
         memory_dir: Path | None = None,
+        seed: int | None = None,
     ):
         """`drafter`: a draft head directory for lookahead, "none", or None for the model's default
         (drafting.resolve).  `memory_dir`: where lookahead's memory is kept between processes (memory_file;
         the commands pass the user cache directory unless --no-memory); None: it lives and dies with this
-        object (experiments start cold, reproducibly)."""
-        self.model_dir = resolve_model(model)
+        object (experiments start cold, reproducibly).  `seed`: the held layers are drawn from it, not read
+        (--random-weights)."""
+        self.model_dir = resolve_model(model, weights=seed is None)
+        self.seed = seed
         self.device = device or default_device()
         self.dtype = resolve_dtype(dtype, self.device)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         num_layers = load_config(self.model_dir).num_hidden_layers
         self.split = Split.of(num_layers, cloud_start, cloud_end)
-        self.head, self.tail, self.config, held = load_local(self.model_dir, self.split, self.device, self.dtype)
+        self.head, self.tail, self.config, held = load_local(self.model_dir, self.split, self.device, self.dtype, seed)
         self.held = describe(held)
         # What the cloud must compute for this split: every cloud session is checked against it (remote/).
-        self.identity: Identity = of_model(self.model_dir, self.config, self.split.cloud_layers)
+        self.identity: Identity = of_model(self.model_dir, self.config, self.split.cloud_layers, seed)
         self.kernels = kernels
         self.packed = use_kernels([self.head, self.tail], self.config, kernels, self.device, self.dtype)
         self.eos = self._eos_ids()
@@ -164,10 +167,11 @@ class LocalSide:
     def cloud_args(self, device: str | None = None) -> list[str]:
         """cloud_server_kv.py arguments for a cloud started beside this side: its device kind, dtype and kernels,
         or another device (a GPU cloud for a CPU local side, as deployed), with that device's default dtype."""
+        weights = [] if self.seed is None else ["--random-weights", str(self.seed)]
         if device is not None:
-            return ["--device", device, "--kernels", self.kernels]
+            return ["--device", device, "--kernels", self.kernels, *weights]
         device = "cuda" if self.device.startswith("cuda") else self.device
-        return ["--device", device, "--dtype", dtype_name(self.dtype), "--kernels", self.kernels]
+        return ["--device", device, "--dtype", dtype_name(self.dtype), "--kernels", self.kernels, *weights]
 
     def _eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()

@@ -2,14 +2,18 @@
 
 Each side of the split materialises only the tensors it owns: the modules are
 built on the meta device (no memory), then just the owned tensors are read
-from the safetensors files with `safe_open`.
+from the safetensors files with `safe_open`, or, with `--random-weights SEED`,
+drawn from the seed tensor by tensor (RandomWeights), so that two processes
+holding different layers of a model too big to write to disk agree on it.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.util
 import json
+import math
 import logging
 import shutil
 import subprocess
@@ -73,8 +77,10 @@ def prepare_default_model(out: Path, gguf: Path | None = None) -> Path:
     return out
 
 
-def resolve_model(model: str | Path | None) -> Path:
+def resolve_model(model: str | Path | None, weights: bool = True) -> Path:
     """`--model DIR` as given, or the default model, prepared on first use.
+
+    `weights` False (a side with --random-weights): the directory needs its config only.
 
     Preparation runs in a child process, so that no tokenizer is ever imported
     into the process asking (the cloud server must never hold one), under a file
@@ -94,8 +100,8 @@ def resolve_model(model: str | Path | None) -> Path:
     path = Path(model)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} is not a Hugging Face model directory (no config.json)")
-    if not _weight_files(path):
-        raise ModelError(f"{path} has no *.safetensors weights")
+    if weights and not _weight_files(path):
+        raise ModelError(f"{path} has no *.safetensors weights (--random-weights SEED draws them instead)")
     return path
 
 
@@ -168,29 +174,68 @@ def build_skeleton(model_dir: Path) -> Skeleton:
     return Skeleton(config, model, parts)
 
 
+@dataclass(frozen=True)
+class RandomWeights:
+    """Weights drawn from `seed` instead of read from files: each tensor from its own generator, seeded by
+    (seed, tensor name), so any process draws the same values for the tensors it holds, whichever those are.
+
+    Matrices are uniform with the config's initializer_range as standard deviation (uniform draws cost a
+    fifth of normal ones, and only the shape matters for speed and memory); norm weights are 1, biases 0,
+    as transformers initialises them.
+    """
+
+    seed: int
+    std: float = 0.02
+    CHUNK = 1 << 24  # values drawn at a time: no float32 copy of a whole tensor (a 12B embedding is 2.7 GB)
+
+    def fill(self, name: str, out: torch.Tensor) -> None:
+        """Write tensor `name`'s values into `out` (any dtype, any device)."""
+        if name.endswith("norm.weight"):
+            out.fill_(1.0)
+        elif name.endswith(".bias"):
+            out.zero_()
+        else:
+            key = hashlib.sha256(f"{self.seed}\0{name}".encode()).digest()
+            gen = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+            half_width = self.std * math.sqrt(3.0)
+            flat = out.view(-1)
+            for start in range(0, flat.numel(), self.CHUNK):
+                n = min(self.CHUNK, flat.numel() - start)
+                flat[start : start + n].copy_(torch.empty(n).uniform_(-half_width, half_width, generator=gen))
+
+
+def random_weights(seed: int | None, config: PretrainedConfig) -> RandomWeights | None:
+    """--random-weights SEED as a weight source for `config`'s model (None: read the files)."""
+    return None if seed is None else RandomWeights(seed, float(getattr(config, "initializer_range", 0.02)))
+
+
 def materialise(
     model_dir: Path,
     modules: dict[str, torch.nn.Module],
     device: str,
     dtype: torch.dtype,
+    random: RandomWeights | None = None,
 ) -> dict[str, int]:
-    """Give each named module (prefix -> module) real storage and read only its tensors.
+    """Give each named module (prefix -> module) real storage and read only its tensors (or draw them).
 
-    Returns parameter counts per tensor name, for the start-up log and /health.
+    Storage is allocated in `dtype` directly, so a side's peak memory is its weights, not a float32
+    copy of them.  Returns parameter counts per tensor name, for the start-up log and /health.
     """
-    index = _tensor_index(model_dir)
+    index = {} if random is not None else _tensor_index(model_dir)
     held: dict[str, int] = {}
     for prefix, module in modules.items():
+        module.to(dtype=dtype)  # still on the meta device: costs nothing
         module.to_empty(device=device)
-        state: dict[str, torch.Tensor] = {}
-        for name in module.state_dict():
-            full = f"{prefix}.{name}"
-            if full not in index:
-                raise ModelError(f"{model_dir}: tensor {full} not found in the safetensors files")
-            with safe_open(index[full], "pt", device="cpu") as f:
-                state[name] = f.get_tensor(full)
-            held[full] = state[name].numel()
-        module.load_state_dict(state, strict=True)
-        module.to(dtype=dtype)
+        with torch.no_grad():
+            for name, tensor in module.state_dict().items():
+                full = f"{prefix}.{name}"
+                if random is not None:
+                    random.fill(full, tensor)
+                else:
+                    if full not in index:
+                        raise ModelError(f"{model_dir}: tensor {full} not found in the safetensors files")
+                    with safe_open(index[full], "pt", device="cpu") as f:
+                        tensor.copy_(f.get_tensor(full))
+                held[full] = tensor.numel()
         module.eval().requires_grad_(False)
     return held

@@ -21,7 +21,7 @@ from transformers import PretrainedConfig
 
 from . import hf
 from .config import Split
-from .models import build_skeleton, materialise
+from .models import build_skeleton, materialise, random_weights
 
 log = logging.getLogger(__name__)
 
@@ -89,9 +89,9 @@ def describe(held: dict[str, int]) -> dict:
 
 
 def load_local(
-    model_dir: Path, split: Split, device: str, dtype: torch.dtype
+    model_dir: Path, split: Split, device: str, dtype: torch.dtype, seed: int | None = None
 ) -> tuple[LocalHead, LocalTail, PretrainedConfig, dict[str, int]]:
-    """The trusted side: tokenizer-facing parts only, never the cloud's layers."""
+    """The trusted side: tokenizer-facing parts only, never the cloud's layers (`seed`: drawn, not read)."""
     sk = build_skeleton(model_dir)
     if sk.num_layers != split.num_layers:
         raise ValueError(f"split is for {split.num_layers} layers, the model has {sk.num_layers}")
@@ -102,7 +102,7 @@ def load_local(
     tied = bool(getattr(sk.config, "tie_word_embeddings", False))
     if not tied:
         modules["lm_head"] = p.lm_head
-    held = materialise(model_dir, modules, device, dtype)
+    held = materialise(model_dir, modules, device, dtype, random_weights(seed, sk.config))
     if tied:  # one matrix serves both ends, as in the full model
         p.lm_head.weight = p.embed.weight
     rotary = hf.rotary(p.rotary, sk.config, device)
@@ -112,12 +112,30 @@ def load_local(
 
 
 def load_cloud(
-    model_dir: Path, split: Split, device: str, dtype: torch.dtype
+    model_dir: Path, split: Split, device: str, dtype: torch.dtype, seed: int | None = None
 ) -> tuple[CloudSpan, PretrainedConfig, dict[str, int]]:
-    """The untrusted side: its decoder layers and nothing more."""
+    """The untrusted side: its decoder layers and nothing more (`seed`: drawn, not read)."""
     sk = build_skeleton(model_dir)
     if sk.num_layers != split.num_layers:
         raise ValueError(f"split is for {split.num_layers} layers, the model has {sk.num_layers}")
     layers = {i: sk.parts.layers[i] for i in split.cloud_layers}
-    held = materialise(model_dir, {f"model.layers.{i}": m for i, m in layers.items()}, device, dtype)
+    modules = {f"model.layers.{i}": m for i, m in layers.items()}
+    held = materialise(model_dir, modules, device, dtype, random_weights(seed, sk.config))
     return CloudSpan(layers), sk.config, held
+
+
+def load_whole(model_dir: Path, device: str, dtype: torch.dtype, seed: int | None = None) -> nn.Module:
+    """The unsplit causal LM (transformers' own, for `generate`), from the same files or seed as the split's
+    sides: the reference the split must equal."""
+    sk = build_skeleton(model_dir)
+    p = sk.parts
+    modules: dict[str, nn.Module] = {"model.embed_tokens": p.embed, "model.norm": p.norm}
+    modules.update({f"model.layers.{i}": layer for i, layer in enumerate(p.layers)})
+    tied = bool(getattr(sk.config, "tie_word_embeddings", False))
+    if not tied:
+        modules["lm_head"] = p.lm_head
+    materialise(model_dir, modules, device, dtype, random_weights(seed, sk.config))
+    if tied:
+        p.lm_head.weight = p.embed.weight
+    hf.set_rotary(sk.model, hf.rotary(p.rotary, sk.config, device))
+    return sk.model.eval()

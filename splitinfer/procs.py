@@ -96,9 +96,11 @@ def cloud_process(
     extra: list[str] | None = None,
     threads: int | None = None,
     log_file: Path | None = None,
+    timeout: float = 180.0,
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A real cloud server process on loopback; yields (http url, process) and stops it on exit."""
+    """A real cloud server process on loopback; yields (http url, process) and stops it on exit (`timeout`: for
+    its start)."""
     port = port or free_port(pair=True)
     args = ["--port", str(port), "--ws-port", str(port + 1)]
-    with command_process("cloud", args, port, model, threads, extra, log_file) as running:
+    with command_process("cloud", args, port, model, threads, extra, log_file, timeout=timeout) as running:
         yield running

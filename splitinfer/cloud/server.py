@@ -374,12 +374,14 @@ def build(
     max_frame_bytes: int | None = None,
     batching: Batching = Batching(),
     passes_thread: bool = True,
+    seed: int | None = None,
 ) -> CloudServer:
     """Load the cloud's layers (and nothing else) and wrap them in a server.
 
     With `passes_thread` False the passes run in the thread that calls CloudServer.run (the cloud command's
     main thread, which loaded the layers); else in a thread of their own, for callers that serve_ws themselves.
 
+    `seed`: the layers are drawn from it (models.RandomWeights), not read from files.
     `limits` holds the bounds the user set; sessions, connections and the frame size left as None are
     derived from the memory available once the layers are loaded (cloud/memory.py).
     """
@@ -390,11 +392,11 @@ def build(
     from ..parts import describe, load_cloud
     from .memory import Geometry, derive_limits
 
-    model_dir = resolve_model(model)
+    model_dir = resolve_model(model, weights=seed is None)
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     split = Split.of(load_config(model_dir).num_hidden_layers, cloud_start, cloud_end)
-    span, config, held = load_cloud(model_dir, split, device, torch_dtype)
+    span, config, held = load_cloud(model_dir, split, device, torch_dtype, seed)
     packed = use_kernels([span], config, kernels, device, torch_dtype)
     summary = describe(held)
     log.info(
@@ -408,8 +410,8 @@ def build(
         dtype_name(torch_dtype),
         packed,
     )
-    # Computed from the files, as the local side computes what it expects: sampled bytes, no tensor loaded.
-    identity = of_model(model_dir, config, split.cloud_layers)
+    # Computed from the files (or the seed), as the local side computes what it expects: no tensor loaded.
+    identity = of_model(model_dir, config, split.cloud_layers, seed)
     log.info("cloud identity: layers %s, weights digest %s", identity.layers, identity.weights[:12])
     budget = derive_limits(
         Geometry.of(config, len(split.cloud_layers), torch_dtype),

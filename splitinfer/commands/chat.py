@@ -27,7 +27,7 @@ INTERRUPTED = "(answer stopped; it is not kept in the conversation)"
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
-    add_model_args(p)
+    add_model_args(p, random=True)
     add_local_args(p)
     p.add_argument("--prompt", default=None, help="generate once for this prompt and exit")
     p.add_argument("--raw", action="store_true", help="send the prompt as is, without the chat template")
@@ -116,7 +116,7 @@ def repl(local: LocalSide, args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
-    if problem := model_problem(args.model) or drafter_problem(args.model, args.drafter):
+    if problem := model_problem(args.model, weights=args.random_weights is None) or drafter_problem(args.model, args.drafter):
         return fail(problem)
     setup(args)
     from ..local import LocalSide
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         local = LocalSide(
             args.model, args.cloud_start, args.cloud_end, args.device, args.dtype, args.kernels, args.drafter,
-            memory_dir=None if args.no_memory else args.memory_dir,
+            memory_dir=None if args.no_memory else args.memory_dir, seed=args.random_weights,
         )
     except ModelError as exc:
         return fail(exc)

@@ -21,7 +21,7 @@ POSITIVE = ("max_sessions", "max_sessions_per_connection", "max_context", "max_s
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
-    add_model_args(p)
+    add_model_args(p, random=True)
     add_split_args(p.add_argument_group("the layers this cloud serves (the local side must say the same)"))
     p.add_argument(
         "--host",
@@ -88,7 +88,7 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
-    if problem := model_problem(args.model):
+    if problem := model_problem(args.model, weights=args.random_weights is None):
         return fail(problem)
     setup(args)
     token = read_token(args.auth_token_file)  # before loading the model: a bad token file fails at once
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             batching=Batching(args.prefill_chunk, args.max_batch_tokens, args.gather_ms),
             passes_thread=False,  # server.run computes in this thread, which loads the layers
             max_frame_bytes=None if args.max_frame_mb is None else int(args.max_frame_mb * 2**20),
+            seed=args.random_weights,
         )
     except ModelError as exc:
         return fail(exc)

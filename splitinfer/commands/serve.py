@@ -74,7 +74,7 @@ def origin_arg(text: str) -> str:
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter)
-    add_model_args(p)
+    add_model_args(p, random=True)
     add_local_args(p)
     g = p.add_argument_group("serving clients (without --prompt)")
     g.add_argument(
@@ -212,7 +212,7 @@ def warn_unless_ready(app: Flask) -> None:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
-    if problem := model_problem(args.model) or drafter_problem(args.model, args.drafter):
+    if problem := model_problem(args.model, weights=args.random_weights is None) or drafter_problem(args.model, args.drafter):
         return fail(problem)
     setup(args)
     token = read_token(args.auth_token_file)
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     try:
         local = LocalSide(
             args.model, args.cloud_start, args.cloud_end, args.device, args.dtype, args.kernels, args.drafter,
-            memory_dir=None if args.no_memory else args.memory_dir,
+            memory_dir=None if args.no_memory else args.memory_dir, seed=args.random_weights,
         )
     except ModelError as exc:
         return fail(exc)
