@@ -212,11 +212,13 @@ def random_weights(seed: int | None, config: PretrainedConfig) -> RandomWeights 
 def materialise(
     model_dir: Path,
     modules: dict[str, torch.nn.Module],
-    device: str,
+    device: str | dict[str, str],
     dtype: torch.dtype,
     random: RandomWeights | None = None,
 ) -> dict[str, int]:
     """Give each named module (prefix -> module) real storage and read only its tensors (or draw them).
+
+    `device`: one for all, or one per prefix (a device map's placement).
 
     Storage is allocated in `dtype` directly, so a side's peak memory is its weights, not a float32
     copy of them.  Returns parameter counts per tensor name, for the start-up log and /health.
@@ -225,7 +227,7 @@ def materialise(
     held: dict[str, int] = {}
     for prefix, module in modules.items():
         module.to(dtype=dtype)  # still on the meta device: costs nothing
-        module.to_empty(device=device)
+        module.to_empty(device=device if isinstance(device, str) else device[prefix])
         with torch.no_grad():
             for name, tensor in module.state_dict().items():
                 full = f"{prefix}.{name}"

@@ -34,6 +34,11 @@ class LayerSpan(nn.Module):
         self.indices = sorted(layers)
         self.layers = nn.ModuleList(layers[i] for i in self.indices)
 
+    @property
+    def devices(self) -> list[torch.device]:
+        """Each layer's device, in order (several under a cloud device map, cloud/placement.py)."""
+        return [next(layer.parameters()).device for layer in self.layers]
+
     def forward(
         self,
         hidden: torch.Tensor,  # [1, q, hidden_size]
@@ -42,7 +47,10 @@ class LayerSpan(nn.Module):
         mask: torch.Tensor,  # [1, 1, q, past + q] additive
         cache: hf.Cache,
     ) -> torch.Tensor:  # [1, q, hidden_size]
-        for layer in self.layers:
+        here = hidden.device
+        for layer, device in zip(self.layers, self.devices):
+            if device != here:  # the next device of a device map: the block's tensors follow the layers
+                hidden, cos, sin, mask, here = hidden.to(device), cos.to(device), sin.to(device), mask.to(device), device
             hidden = hf.call_layer(layer, hidden, mask, cos, sin, cache)
         return hidden
 
@@ -112,15 +120,22 @@ def load_local(
 
 
 def load_cloud(
-    model_dir: Path, split: Split, device: str, dtype: torch.dtype, seed: int | None = None
+    model_dir: Path, split: Split, device: str, dtype: torch.dtype, seed: int | None = None,
+    device_map: str | None = None,
 ) -> tuple[CloudSpan, PretrainedConfig, dict[str, int]]:
-    """The untrusted side: its decoder layers and nothing more (`seed`: drawn, not read)."""
+    """The untrusted side: its decoder layers and nothing more (`seed`: drawn, not read; `device_map`: auto,
+    balanced or a JSON file placing the layers over several devices, cloud/placement.py)."""
     sk = build_skeleton(model_dir)
     if sk.num_layers != split.num_layers:
         raise ValueError(f"split is for {split.num_layers} layers, the model has {sk.num_layers}")
     layers = {i: sk.parts.layers[i] for i in split.cloud_layers}
     modules = {f"model.layers.{i}": m for i, m in layers.items()}
-    held = materialise(model_dir, modules, device, dtype, random_weights(seed, sk.config))
+    where: str | dict[str, str] = device
+    if device_map is not None:
+        from .cloud.placement import resolve
+
+        where = {f"model.layers.{i}": d for i, d in resolve(device_map, layers, dtype).items()}
+    held = materialise(model_dir, modules, where, dtype, random_weights(seed, sk.config))
     return CloudSpan(layers), sk.config, held
 
 

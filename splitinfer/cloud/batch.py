@@ -103,7 +103,11 @@ def run(span: CloudSpan, rows: Sequence[Rows]) -> list[torch.Tensor]:
     cos = rows[0].cos if one else torch.cat([r.cos for r in rows], dim=1)
     sin = rows[0].sin if one else torch.cat([r.sin for r in rows], dim=1)
     cache, masks = BatchCache(rows), BatchMasks(r.mask for r in rows)
-    for layer in span.layers:
+    here = hidden.device
+    for layer, device in zip(span.layers, span.devices):
+        if device != here:  # the next device of a device map (placement.py): the pass's tensors follow
+            hidden, cos, sin, here = hidden.to(device), cos.to(device), sin.to(device), device
+            masks = BatchMasks(m.to(device) for m in masks)
         hidden = hf.call_layer(layer, hidden, masks, cos, sin, cache)
     for r in rows:
         r.cache.advance(r.at + r.q)

@@ -34,8 +34,11 @@ Tail = tuple[int, list[tuple[torch.Tensor, torch.Tensor]]]  # (length then, each
 class SessionCache:
     """Keys and values of the cloud's layers for one session; layer i of the model is slot `slots[i]`."""
 
-    def __init__(self, layers: Sequence[int], max_length: int):
+    def __init__(self, layers: Sequence[int], max_length: int, devices: Sequence[torch.device] | None = None):
+        """`devices`: each layer's device, where its keys and values are kept (a device map's); default: the
+        device of the first block written."""
         self.slots = {layer: slot for slot, layer in enumerate(layers)}
+        self.devices = list(devices) if devices is not None else None
         self.max_length = max_length
         self.length = 0  # entries that are the cache; the rest of each buffer is scratch
         self.keys: list[torch.Tensor] = []  # one [1, kv_heads, capacity, head_dim] per layer, made on first write
@@ -56,7 +59,8 @@ class SessionCache:
         if 2 * grown >= self.max_length:  # straight to the end while the old buffers are at most half of it:
             grown = self.max_length  # a growth never holds more than 1.5 x max_length (memory.SESSION_GROWTH)
         _, kv_heads, _, head_dim = like.shape
-        new = [like.new_empty((1, kv_heads, grown, head_dim)) for _ in range(2 * len(self.slots))]
+        where = self.devices or [like.device] * len(self.slots)
+        new = [like.new_empty((1, kv_heads, grown, head_dim), device=d) for d in (*where, *where)]
         for old, fresh in zip((*self.keys, *self.values), new):
             fresh[:, :, : self.length] = old[:, :, : self.length]
         self.keys, self.values = new[: len(self.slots)], new[len(self.slots) :]
@@ -89,9 +93,11 @@ class SessionCache:
         hf.check_relocate(self.length, start, indices)
         end = start + len(indices)
         if self.keys and list(indices) != list(range(start, end)):
-            order = torch.tensor(list(indices), dtype=torch.long, device=self.keys[0].device)
+            order = torch.tensor(list(indices), dtype=torch.long)
+            on: dict[torch.device, torch.Tensor] = {}  # the order, once per device the layers are on
             for buffer in (*self.keys, *self.values):
-                buffer[:, :, start:end] = buffer.index_select(2, order)  # gathered (a copy) before written
+                here = on.setdefault(buffer.device, order.to(buffer.device))
+                buffer[:, :, start:end] = buffer.index_select(2, here)  # gathered (a copy) before written
         self.length = end
 
     @torch.inference_mode()

@@ -357,6 +357,17 @@ def _close_reason(ws: ServerConnection) -> str:
     return "no close frame" if code is None else f"code {code}{' ' + ws.close_reason if ws.close_reason else ''}"
 
 
+def _runs(indices: list[int], devices: list) -> list[tuple[str, list[int]]]:
+    """Consecutive layers on one device: [(device, [layer indices])] in order (for the start-up log)."""
+    runs: list[tuple[str, list[int]]] = []
+    for i, d in zip(indices, devices):
+        if runs and runs[-1][0] == str(d):
+            runs[-1][1].append(i)
+        else:
+            runs.append((str(d), [i]))
+    return runs
+
+
 def build(
     model: str | None,
     cloud_start: int | None,
@@ -375,13 +386,16 @@ def build(
     batching: Batching = Batching(),
     passes_thread: bool = True,
     seed: int | None = None,
+    device_map: str | None = None,
 ) -> CloudServer:
     """Load the cloud's layers (and nothing else) and wrap them in a server.
 
     With `passes_thread` False the passes run in the thread that calls CloudServer.run (the cloud command's
     main thread, which loaded the layers); else in a thread of their own, for callers that serve_ws themselves.
 
-    `seed`: the layers are drawn from it (models.RandomWeights), not read from files.
+    `seed`: the layers are drawn from it (models.RandomWeights), not read from files.  `device_map`: auto,
+    balanced or a JSON file spreading the layers over several devices (placement.py); `device` is then the
+    first layer's.
     `limits` holds the bounds the user set; sessions, connections and the frame size left as None are
     derived from the memory available once the layers are loaded (cloud/memory.py).
     """
@@ -396,7 +410,11 @@ def build(
     device = device or default_device()
     torch_dtype = resolve_dtype(dtype, device)
     split = Split.of(load_config(model_dir).num_hidden_layers, cloud_start, cloud_end)
-    span, config, held = load_cloud(model_dir, split, device, torch_dtype, seed)
+    span, config, held = load_cloud(model_dir, split, device, torch_dtype, seed, device_map)
+    if device_map is not None:
+        device = str(span.devices[0])
+        log.info("device map %s: %s", device_map, ", ".join(
+            f"layers {run[0]}..{run[-1]} on {d}" for d, run in _runs(span.indices, span.devices)))
     packed = use_kernels([span], config, kernels, device, torch_dtype)
     summary = describe(held)
     log.info(

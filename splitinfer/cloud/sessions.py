@@ -194,7 +194,7 @@ class CloudCore:
             raise _Busy(f"the cache memory is reserved: {free} of {lim.max_cache_tokens} entries free, "
                         f"{wanted} asked for")
         sid = secrets.token_hex(16)  # 128 random bits
-        self.sessions[sid] = Session(sid, conn, SessionCache(self.span.indices, wanted))
+        self.sessions[sid] = Session(sid, conn, SessionCache(self.span.indices, wanted, self.span.devices))
         log.info("session %s… opened (%d open, %d entries reserved)", sid[:8], len(self.sessions), self.reserved_tokens)
         return protocol.encode(
             {

@@ -22,6 +22,15 @@ POSITIVE = ("max_sessions", "max_sessions_per_connection", "max_context", "max_s
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     add_model_args(p, random=True)
+    p.add_argument(
+        "--device-map",
+        default=None,
+        metavar="auto|balanced|FILE",
+        help="spread the cloud's layers over several devices with accelerate's device maps (whole layers; each "
+        "session's cache follows its layers): auto fills the GPUs in order, balanced gives each the same share, "
+        "FILE is a JSON map in accelerate's format ({\"model.layers.2\": 0, \"model.layers.16\": 1, ...}); "
+        "overrides --device (docs/scaling.md)",
+    )
     add_split_args(p.add_argument_group("the layers this cloud serves (the local side must say the same)"))
     p.add_argument(
         "--host",
@@ -114,6 +123,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             passes_thread=False,  # server.run computes in this thread, which loads the layers
             max_frame_bytes=None if args.max_frame_mb is None else int(args.max_frame_mb * 2**20),
             seed=args.random_weights,
+            device_map=args.device_map,
         )
     except ModelError as exc:
         return fail(exc)
