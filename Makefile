@@ -59,7 +59,8 @@ experiments: $(STAMP)
 	$(PY) inversion_experiment.py --threads 1
 	$(PY) benchmarks/memory.py --cloud-threads $(THREADS)
 	$(PY) benchmarks/load.py --cloud-threads $(THREADS)
-	$(PY) -m splitinfer report README.md paper.md docs/privacy.md docs/security.md docs/drafter.md docs/batching.md
+	$(PY) benchmarks/big_models.py --threads $(THREADS)
+	$(PY) -m splitinfer report README.md paper.md docs/privacy.md docs/security.md docs/drafter.md docs/batching.md docs/scaling.md
 
 # On a machine with a GPU (both sides on it, float16), beside the CPU figures above.  No install
 # step: run it with any Python that has the requirements, e.g. `make experiments-gpu PY=python3`.

@@ -129,3 +129,24 @@ def test_the_big_model_measurement_on_a_small_shape(tmp_path):
     assert r["weights_bytes"]["whole"] == r["weights_bytes"]["cloud"] + r["weights_bytes"]["local"]
     assert r["local"]["weights_bytes"] == r["weights_bytes"]["local"]  # the side holds exactly its share
     assert r["cloud"]["VmHWM"] > 0 and r["local"]["VmHWM"] >= r["local"]["rss_after_load"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_each_side_reads_the_files_exactly_as_transformers_loads_them(tiny_model, dtype):
+    """materialise allocates in the compute dtype and casts each file tensor into it: the same values as
+    transformers' from_pretrained in that dtype, bit for bit (the split's numbers did not move with it)."""
+    from transformers import AutoModelForCausalLM
+
+    want = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=dtype).state_dict()
+    split = Split(6)
+    head, tail, _, _ = load_local(tiny_model, split, "cpu", dtype)
+    span, _, _ = load_cloud(tiny_model, split, "cpu", dtype)
+    got = {f"model.embed_tokens.{k}": v for k, v in head.embed.state_dict().items()}
+    for part in (head.span, tail.span, span):
+        for i, layer in zip(part.indices, part.layers):
+            got.update({f"model.layers.{i}.{k}": v for k, v in layer.state_dict().items()})
+    got.update({f"model.norm.{k}": v for k, v in tail.norm.state_dict().items()})
+    assert set(got) == {k for k in want if k != "lm_head.weight"}
+    for name, tensor in got.items():
+        assert tensor.dtype == dtype and torch.equal(tensor, want[name]), name
+    assert torch.equal(tail.lm_head.weight, want["lm_head.weight"])

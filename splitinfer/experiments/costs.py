@@ -151,3 +151,54 @@ def load_value(prefix: str, what: str) -> str:
                        if p["sessions"] == n and p["rtt_ms"] == float(rest)))
     h = next(h for h in d["headlines"] if h["sessions"] == n and h["rtt_ms"] == float(rest))
     return f2(h["throughput_ratio"] if key == "x" else h["step_p50_ratio"])
+
+
+produced_by("big-models", outputs=["big_models"],
+            code=["benchmarks/big_models.py", "splitinfer/experiments/big.py", "splitinfer/random_model.py",
+                  "splitinfer/models.py", "splitinfer/local.py", *SPLIT_NUMERICS, *CLOUD_COMPUTE])
+
+_SHAPE_NAMES = {"mistral-7b": "Mistral 7B", "mistral-nemo-12b": "Mistral NeMo 12B"}
+
+
+@table("big_models")
+def big_models_table() -> str:
+    """The seed's shapes with seeded random weights (benchmarks/big_models.py): each side's weights and peak memory."""
+    d = load("big_models")
+    gb = 1e9
+    rows = []
+    for s in d["shapes"]:
+        w, ref = s["weights_bytes"], s["reference"]
+        rows.append([
+            _SHAPE_NAMES[s["like"]], f"{w['whole'] / 2 / gb:.2f}B",
+            f"{w['local'] / gb:.2f}", f"{s['local']['VmHWM'] / gb:.2f}", f"{s['spec_local_gb']:.1f}",
+            f"{w['cloud'] / gb:.2f}", f"{s['cloud']['VmHWM'] / gb:.2f}",
+            f"{ref['VmHWM'] / gb:.2f}" if "VmHWM" in ref else "does not fit",
+            {True: "yes", False: "**no**", None: "not run (memory)"}[s["split_equals_unsplit"]],
+        ])
+    text = markdown_table(["shape", "parameters", "local weights, GB", "local peak, GB", "spec: local, GB",
+                           "cloud weights, GB", "cloud peak, GB", "unsplit peak, GB",
+                           f"split = unsplit ({d['settings']['tokens']} tokens)"], rows)
+    text += (f"\n\n{d['settings']['dtype']} on this CPU, {d['settings']['threads']} torch threads per process, weights "
+             "drawn from a seed (`--random-weights`; the real checkpoints cannot be downloaded here).  Peak is the "
+             "process's peak resident memory (VmHWM): weights plus torch, the tokenizer and the activations.  The "
+             "spec's local figures are GPU memory in float16 (2 bytes per parameter, as bfloat16).  Where both "
+             "sides do not fit this 24 GB machine at once (NeMo), each was measured alone.")
+    return text + source("big_models")
+
+
+@values("big_models")
+def big_models_value(prefix: str, what: str) -> str:
+    """big_models.<shape>.<local_gb|local_peak_gb|cloud_gb|cloud_peak_gb|unsplit_peak_gb|equal>, shape as in
+    random_model.LIKE with '-' as '_'."""
+    d = load("big_models")
+    shape, _, field = what.partition(".")
+    s = next(s for s in d["shapes"] if s["like"] == shape.replace("_", "-"))
+    gb = 1e9
+    return {
+        "local_gb": lambda: f"{s['weights_bytes']['local'] / gb:.2f}",
+        "local_peak_gb": lambda: f"{s['local']['VmHWM'] / gb:.2f}",
+        "cloud_gb": lambda: f"{s['weights_bytes']['cloud'] / gb:.2f}",
+        "cloud_peak_gb": lambda: f"{s['cloud']['VmHWM'] / gb:.2f}",
+        "unsplit_peak_gb": lambda: f"{s['reference']['VmHWM'] / gb:.2f}",
+        "equal": lambda: "yes" if s["split_equals_unsplit"] else "no",
+    }[field]()

@@ -31,7 +31,8 @@ from pathlib import Path
 from .registry import CHECKS, DATA, PRODUCERS, ROOT, TABLES, VALUES, Producer, markdown_table, short, table
 
 # The documents `make report` renders, relative to the checkout.
-DOCUMENTS = ("README.md", "paper.md", "docs/privacy.md", "docs/security.md", "docs/drafter.md", "docs/batching.md")
+DOCUMENTS = ("README.md", "paper.md", "docs/privacy.md", "docs/security.md", "docs/drafter.md", "docs/batching.md",
+             "docs/scaling.md")
 MODULES = ("ablation_summary", "costs", "identity_summary", "inversion", "overview", "rtt", "side_by_side")
 NEUTRAL = "neutral_changes.json"
 AWAITING = "awaiting_rerun.json"
