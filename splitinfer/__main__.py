@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-weights", action="store_true", help="write the config and tokenizer only; run both sides "
                    "with --random-weights SEED (for sizes that should not be written to disk)")
     p.add_argument("--tokenizer-from", type=Path, default=None, help="model directory whose tokenizer to copy "
-                   "(default: the default model's; its ids 1 and 2 are the start and end of a turn, as Mistral's)")
+                   "(default: SmolLM2-135M-Instruct's, prepared on first use; its ids 1 and 2 are the start and end "
+                   "of a turn, as Mistral's)")
     p.set_defaults(func=make_random_model)
     p = sub.add_parser("report", help="render the numbers in README.md, paper.md and docs/ from experiment_data/",
                        formatter_class=HelpFormatter)
