@@ -59,6 +59,7 @@ experiments: $(STAMP)
 	$(PY) inversion_experiment.py --threads 1
 	$(PY) benchmarks/memory.py --cloud-threads $(THREADS)
 	$(PY) benchmarks/load.py --cloud-threads $(THREADS)
+	$(PY) benchmarks/pass_cost.py --threads $(THREADS)
 	$(PY) benchmarks/big_models.py --threads $(THREADS)
 	$(PY) -m splitinfer report README.md paper.md docs/privacy.md docs/security.md docs/drafter.md docs/batching.md docs/scaling.md
 

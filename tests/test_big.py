@@ -1,4 +1,4 @@
-"""`make test-big`: the seed's 7B shape on this machine, in bfloat16 (about 5 minutes and 17 GB on 2 cores).
+"""`make test-big`: the seed's 7B shape on this machine, in bfloat16 (2 to 5 minutes and 17 GB on 2 cores).
 
 Not part of `make test` (marked `big`): the split's greedy tokens equal the unsplit model's, with weights
 drawn from a seed (the real ones cannot be downloaded here), and each side holds the weights it should.

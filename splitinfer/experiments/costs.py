@@ -202,3 +202,19 @@ def big_models_value(prefix: str, what: str) -> str:
         "unsplit_peak_gb": lambda: f"{s['reference']['VmHWM'] / gb:.2f}",
         "equal": lambda: "yes" if s["split_equals_unsplit"] else "no",
     }[field]()
+
+
+produced_by("pass-cost", outputs=["pass_cost"], code=["benchmarks/pass_cost.py", *SPLIT_NUMERICS, *CLOUD_COMPUTE])
+
+
+@values("pass_cost")
+def pass_cost_value(prefix: str, what: str) -> str:
+    """pass_cost.pass<N> (median ms of one pass of N one-token sessions) / pass_cost.one_thread /
+    pass_cost.two_threads (a one-session pass from one thread, and from two threads in turn, ms)."""
+    d = load("pass_cost")
+    if what == "one_thread":
+        return f"{d['by_thread']['one_thread_ms_p50']:.0f}"
+    if what == "two_threads":
+        return f"{d['by_thread']['two_threads_in_turn_ms_p50']:.0f}"
+    n = int(what.removeprefix("pass"))
+    return f"{next(p['pass_ms_p50'] for p in d['by_sessions'] if p['sessions'] == n):.0f}"
