@@ -405,3 +405,23 @@ def test_sessions_that_fell_out_of_step_share_the_next_pass(tiny_llama):
         assert reply_of(first).header["batched"] == reply_of(second).header["batched"] == 2
     finally:
         core.close()
+
+
+def test_the_pass_cost_benchmark_runs_and_records(tiny_llama, tmp_path):
+    """benchmarks/pass_cost.py (the paper's per-pass and per-thread figures) on a tiny model: it measures every
+    point it is asked for and says what it ran with."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "pass_cost.py"
+    out = tmp_path / "pass_cost.json"
+    r = subprocess.run([sys.executable, str(script), "--model", str(tiny_llama), "--threads", "1", "--sessions", "1",
+                        "3", "--repeats", "2", "--context", "8", "--out", str(out)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(out.read_text())
+    assert [p["sessions"] for p in d["by_sessions"]] == [1, 3] and all(p["pass_ms_p50"] > 0 for p in d["by_sessions"])
+    assert d["by_thread"]["one_thread_ms_p50"] > 0 and d["by_thread"]["two_threads_in_turn_ms_p50"] > 0
+    assert d["settings"]["threads"] == 1 and d["commit"]
