@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import http.server
 import re
+import signal
 import socket
 import socketserver
 import threading
@@ -227,3 +228,36 @@ def test_replica_killed_mid_generation_the_other_one_finishes(balancer, two_repl
     assert after["other_sessions"] == 1  # the rest was served by the other replica
     assert other.sessions_open() == 0  # and the session was closed there at the end
 
+
+
+@needs_haproxy
+@pytest.mark.slow
+def test_a_frozen_replica_is_taken_out_and_its_session_moves(balancer, two_replicas, default_side):
+    """SIGSTOP the replica holding the session (a machine gone without a reset): its /health checks time out,
+    HAProxy marks it down and closes its connections (on-marked-down shutdown-sessions), and the local side
+    replays into the other replica long before its own 60 s reply timeout."""
+    ids = default_side.encode("Count from 1 to 20, separated by commas.")
+    with cloud_session(balancer, expected=default_side.identity) as span:
+        want = default_side.generate(span, ids, 24, "sequential").token_ids
+
+    with cloud_session(balancer, expected=default_side.identity, reconnect_timeout=20.0) as span:
+        holder, other = holder_of_the_session(two_replicas)
+        frozen_at: list[float] = []
+        after: dict = {}
+
+        def freeze_the_holder(chunk: list[int]) -> None:
+            if frozen_at:
+                after.setdefault("seconds", time.monotonic() - frozen_at[0])
+                after.setdefault("other_sessions", other.sessions_open())
+            else:  # after the first chunk: the session is open on the holder
+                holder.proc.send_signal(signal.SIGSTOP)
+                frozen_at.append(time.monotonic())
+
+        try:
+            got = default_side.generate(span, ids, 24, "sequential", on_tokens=freeze_the_holder).token_ids
+        finally:
+            holder.kill()  # SIGKILL ends a stopped process too; the fixture starts it again for the next test
+    print(f"\nSIGSTOP to the first token from the other replica: {after['seconds']:.2f} s")
+    assert got == want and span.recoveries == 1
+    assert after["other_sessions"] == 1
+    assert after["seconds"] < 20.0  # the checks (3 x 1 s, each waiting up to 1 s), not the 60 s reply timeout
