@@ -19,6 +19,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,19 +64,26 @@ def prepare_default_model(out: Path, gguf: Path | None = None) -> Path:
     log.warning("preparing the default model: %s -> %s (one-off, about 40 s)", src.name, out)
     tokenizer = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
     model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    with written_whole(out) as tmp:
+        hf.save_dequantised(model, tokenizer, tmp)
+    log.warning("default model ready in %s", out)
+    return out
+
+
+@contextmanager
+def written_whole(out: Path) -> Iterator[Path]:
+    """A directory to write `out` into: next to it, renamed to `out` (replacing it) when the block ends
+    without an error, removed otherwise, so an interrupted run never leaves a half model behind."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Write next to the target and rename, so an interrupted run never leaves a half model behind.
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
-        hf.save_dequantised(model, tokenizer, tmp)
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
-    log.warning("default model ready in %s", out)
-    return out
 
 
 def resolve_model(model: str | Path | None, weights: bool = True) -> Path:

@@ -14,8 +14,6 @@ step-cost and memory figures; the text they generate is gibberish.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -93,14 +91,12 @@ def make_random_model(
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from .models import RandomWeights
+    from .models import RandomWeights, written_whole
 
     dtype = dtype or torch.bfloat16
     if like not in LIKE:
         raise ValueError(f"unknown shape {like!r}; known: {', '.join(LIKE)}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
+    with written_whole(out) as tmp:
         config = AutoConfig.for_model(**{**LIKE[like], **(overrides or {})})
         config.dtype = dtype
         config.save_pretrained(tmp)
@@ -115,12 +111,6 @@ def make_random_model(
             "dtype": str(dtype).removeprefix("torch."),
             "tokenizer": f"copied from {tokenizer_from} (the published tokenizer is not available offline)",
         }, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 

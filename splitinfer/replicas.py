@@ -28,6 +28,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from .procs import stop
+
 INSTALL_HINT = "install it with `apt-get install haproxy` (Debian/Ubuntu) or your system's package manager"
 
 # Health checks: a replica that stops answering GET /health is out of rotation after FALL failed checks
@@ -187,11 +189,6 @@ def haproxy_process(config_text: str, log_file: Path | None = None) -> Iterator[
             wait_listening(bound_addresses(config_text), proc)
             yield proc
         finally:
-            proc.terminate()  # SIGTERM: a hard stop, open connections are closed
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)  # SIGTERM: HAProxy's hard stop, open connections are closed
             if log_file:
                 out.close()
