@@ -39,13 +39,6 @@ def proc_status(pid: int | str = "self") -> dict[str, int]:
     return fields
 
 
-def available_bytes() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no MemAvailable in /proc/meminfo")
-
-
 def sizes(model_dir: Path, dtype_bytes: int) -> dict[str, int]:
     """Bytes of weights each side holds (and the whole model), from the config's tensor shapes."""
     import torch
@@ -170,6 +163,7 @@ def measure(like: str, workdir: Path, seed: int = 0, dtype: str = "bfloat16", th
     the reason recorded."""
     from transformers import AutoTokenizer
 
+    from ..cloud.memory import available_bytes
     from ..models import resolve_model
     from ..procs import cloud_process, free_port
     from ..random_model import make_random_model
